@@ -1,0 +1,95 @@
+"""The `trip` command line: one subcommand per job, each with --help.
+
+Heavy modules (torch, ray, deepspeed) are imported only by the subcommand that needs them,
+so `trip --help` and `trip config validate` answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, help="run config YAML (see pipelines/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def _config_cmd(args: argparse.Namespace) -> int:
+    from trip.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        print(dump_config(cfg), end="")
+    else:
+        print(f"{args.config}: OK (config hash {cfg.hash()})")
+    return 0
+
+
+def _dispatch(target: str):
+    module, func = target.split(":")
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args) or 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trip", description="TRIP image-to-video training platform")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="show or validate a run config")
+    p.add_argument("action", choices=["show", "validate"])
+    _add_config_args(p)
+    p.set_defaults(func=_config_cmd)
+
+    p = sub.add_parser("sample", help="image (+ caption) -> video with a trained TRIP model")
+    p.add_argument("--model", required=True, help="TRIP model directory (trip export output; local or URL)")
+    p.add_argument("--image", required=True, action="append",
+                   help="first-frame image (png/jpg) or a video whose first frame is used (repeatable)")
+    p.add_argument("--out", default="outputs/samples", help="output directory for MP4 and GIF files")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: model's sample config, 50)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same video)")
+    p.add_argument("--fps", type=int, default=None, help="frame rate of the written files")
+    p.set_defaults(func=_dispatch("trip.sampling:cli"))
+
+    p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray Data job)")
+    _add_config_args(p)
+    p.set_defaults(func=_dispatch("pipelines.preprocess:cli"))
+
+    p = sub.add_parser("train", help="train with Ray Train + DeepSpeed ZeRO-3")
+    _add_config_args(p)
+    p.set_defaults(func=_dispatch("pipelines.train:cli"))
+
+    p = sub.add_parser("export", help="checkpoint -> diffusers-format TRIP model directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or URL)")
+    p.add_argument("--out", required=True, help="output model directory (local or URL)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=_dispatch("trip.train.export:cli"))
+
+    p = sub.add_parser("eval", help="F-Consistency, FVD and FID of generated videos")
+    p.add_argument("--generated", required=True, help="directory of generated MP4/GIF clips")
+    p.add_argument("--reference", default=None, help="directory of reference clips (for FVD/FID)")
+    p.add_argument("--clip", default=None, help="CLIP model directory (for F-Consistency)")
+    p.add_argument("--i3d", default=None, help="I3D weights (TorchScript or state dict) for FVD")
+    p.add_argument("--inception", default=None, help="Inception weights for FID")
+    p.add_argument("--out", default="eval_report.json", help="JSON report path")
+    p.set_defaults(func=_dispatch("trip.eval.cli:main"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Typed run configuration: one small dataclass per component, loaded strictly from YAML.
+
+Why strict: a typo in a YAML key on a 64-GPU job should fail in the first second on the
+laptop that launched it, not silently fall back to a default three days later. Every
+section is a `@dataclass(kw_only=True)` whose fields carry a docstring-like comment and
+whose `__post_init__` rejects bad combinations with a `ValueError` naming the field.
+
+Components receive only their own slice (`cfg.model`, `cfg.data`, ...), never the whole
+`Config`. `load_config(path, overrides)` reads YAML, applies `--set a.b=c` overrides
+(values parsed as YAML scalars), and raises `ConfigError` naming the file and the dotted
+key for unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and source."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(kw_only=True)
+class UNetConfig:
+    """The residual 3D-UNet. Field names and meanings match diffusers' UNet3DConditionModel
+    so a pretrained ModelScope-T2V `unet/config.json` maps onto it one to one."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)  # width of each resolution level
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "DownBlock3D")
+    up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D")
+    layers_per_block: int = 1  # resnets per down block (up blocks have one more)
+    norm_num_groups: int = 8  # GroupNorm groups; must divide every block width
+    cross_attention_dim: int = 64  # text hidden-state width
+    attention_head_dim: int = 8  # per-head width (diffusers: 64 for ModelScope)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError(
+                f"unet.down_block_types has {len(self.down_block_types)} entries, "
+                f"unet.block_out_channels has {len(self.block_out_channels)}: they must match"
+            )
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("unet.up_block_types must have one entry per block_out_channels")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"unet.norm_num_groups={self.norm_num_groups} must divide every "
+                    f"block_out_channels entry (got {c})"
+                )
+
+
+@dataclass(kw_only=True)
+class FusionConfig:
+    """How residual noise (UNet) and reference noise (image prior) are merged."""
+
+    mode: Literal["tnf", "linear", "none"] = "tnf"  # tnf: TRIP; linear: TRIP^W; none: TRIP^-
+    patch_size: int = 2  # TNF tokens are p x p latent patches of one frame
+    dim: int = 64  # TNF token width
+    depth: int = 1  # number of TNF blocks
+    heads: int = 4  # attention heads in each TNF block
+    timestep_dim: int = 64  # width of the timestep embedding that drives adaptive LayerNorm
+    linear_start: float = 1.0  # TRIP^W: lambda at the first frame (weight of reference noise)
+    linear_end: float = 0.0  # TRIP^W: lambda at the last frame
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"fusion.dim={self.dim} must be divisible by fusion.heads={self.heads}")
+        for name in ("patch_size", "dim", "depth", "heads", "timestep_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"fusion.{name} must be >= 1")
+        for name in ("linear_start", "linear_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"fusion.{name} must lie in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The TRIP model: residual UNet + image noise prior + fusion."""
+
+    num_frames: int = 8  # frames per clip (paper: 16)
+    latent_channels: int = 12  # C of the latents (UNet in/out channels follow from it)
+    latent_size: int = 8  # h = w of the latents (paper: 32)
+    image_conditioning: Literal["temporal", "channel"] = "temporal"  # temporal: paper; channel: TRIP_C
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    gradient_checkpointing: bool = False  # recompute each UNet block in backward
+    pretrained_unet: str | None = None  # diffusers-format unet/ dir (local or fsspec URL)
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 2:
+            raise ValueError("model.num_frames must be >= 2")
+        if self.latent_size % self.fusion.patch_size:
+            raise ValueError(
+                f"model.latent_size={self.latent_size} must be divisible by "
+                f"fusion.patch_size={self.fusion.patch_size}"
+            )
+        if self.latent_size % (2 ** (len(self.unet.block_out_channels) - 1)):
+            raise ValueError("model.latent_size must be divisible by 2^(number of UNet levels - 1)")
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    """Noise schedule (a diffusers DDPM/DDIM scheduler is built from these)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass(kw_only=True)
+class CodecConfig:
+    """Frames <-> latents. `lossless` is parameter-free pixel-unshuffle (CPU demos/tests)."""
+
+    kind: Literal["lossless", "vae"] = "lossless"
+    path: str | None = None  # vae: diffusers-format model dir (holding vae/) or the vae dir itself
+    downscale: int = 2  # lossless: pixel-unshuffle factor (channels = 3 * downscale^2)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # vae compute dtype
+
+    def __post_init__(self) -> None:
+        if self.kind == "vae" and not self.path:
+            raise ValueError("codec.path is required when codec.kind is 'vae'")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Streaming loader over latent shards (see trip/data/loader.py)."""
+
+    dataset: str = ""  # dataset prefix holding index.json (local path or fsspec URL)
+    micro_batch_size: int = 4  # samples per rank per forward
+    num_workers: int = 2  # DataLoader worker processes per rank
+    shuffle_buffer: int = 64  # samples held for in-shard shuffling
+    seed: int = 0  # shard order and buffer shuffle seed
+    uneven: Literal["drop", "pad"] = "drop"  # equal batches per rank: drop the tail or pad it
+    image_frame: int = 0  # frame used as the conditioning image
+    max_corrupt_fraction: float = 0.05  # fail once more than this fraction is corrupt
+    retries: int = 5  # storage retries (exponential backoff)
+    prefetch_factor: int = 4  # batches prefetched per worker
+    pin_memory: bool = True  # pin host memory when training on CUDA
+    text: bool = True  # load text states when the shards have them
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError("data.micro_batch_size must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError("data.max_corrupt_fraction must lie in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class PreprocessConfig:
+    """WebVid CSV + videos -> latent WebDataset shards (data_tools + pipelines/preprocess.py)."""
+
+    csv: str = ""  # WebVid-format CSV (local or fsspec URL)
+    video_root: str | None = None  # if set, videos are video_root/path_template; else contentUrl
+    path_template: str = "{page_dir}/{videoid}.mp4"
+    output: str = ""  # dataset prefix for shards + index.json
+    num_frames: int = 8  # frames per clip (paper: 16)
+    fps: float | None = 4.0  # sample at this frame rate (paper: 4) ...
+    frame_stride: int | None = None  # ... or every n-th frame (set fps to null)
+    start_offset: float = 0.0  # seconds skipped at the start of each video
+    resolution: int = 16  # short side resize, then centre crop to resolution^2 (paper: 256)
+    min_duration: float | None = None  # drop rows shorter than this (seconds, CSV duration)
+    max_duration: float | None = None
+    limit: int | None = None  # use at most this many rows (after filtering)
+    samples_per_shard: int = 64
+    max_shard_bytes: int | None = None  # also close a shard past this many bytes
+    text_encoder: str | None = None  # diffusers dir with text_encoder/ + tokenizer/; null: none
+    max_text_length: int = 77
+    encode_batch_size: int = 16  # frames per codec call
+    encode_actors: int = 1  # encoder actor pool size
+    decode_threads: int = 1  # PyAV decoding threads per task
+
+    def __post_init__(self) -> None:
+        if (self.fps is None) == (self.frame_stride is None):
+            raise ValueError("set exactly one of preprocess.fps and preprocess.frame_stride")
+        if self.samples_per_shard < 1:
+            raise ValueError("preprocess.samples_per_shard must be >= 1")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO settings (stage 3 by default)."""
+
+    stage: int = 3
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero.stage must be 0..3, got {self.stage}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and the per-worker loop."""
+
+    max_steps: int = 300
+    global_batch_size: int = 8  # samples per optimizer step across all ranks (kept on resize)
+    lr_unet: float = 2e-6  # paper: 2e-6
+    lr_fusion: float = 2e-4  # paper: 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA
+    text_dropout: float = 0.1  # drop text states with this probability (for CFG)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 recommended on GPU
+    seed: int = 0
+    log_every: int = 10  # rank 0 prints progress every n steps
+    checkpoint_every: int = 100  # report (a barrier) + checkpoint every n steps
+    keep_checkpoints: int = 2
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("train.ema_decay must lie in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    """Ray Train workers: fixed (`num_workers`) or elastic (`min_workers`..`max_workers`)."""
+
+    num_workers: int = 2
+    min_workers: int | None = None  # set both min and max for an elastic run
+    max_workers: int | None = None
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.min_workers is None) != (self.max_workers is None):
+            raise ValueError("scaling.min_workers and scaling.max_workers must be set together")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"scaling.min_workers={self.min_workers} must be >= 1 and <= "
+                f"scaling.max_workers={self.max_workers}"
+            )
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+
+    @property
+    def world_sizes(self) -> range:
+        """Every world size this run may take."""
+        if self.min_workers is None:
+            return range(self.num_workers, self.num_workers + 1)
+        return range(self.min_workers, self.max_workers + 1)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where and as what the run lives (Ray RunConfig)."""
+
+    name: str = "trip-tiny"  # rerunning the same name resumes from its latest checkpoint
+    storage_path: str = "./runs"  # local path or s3://bucket/prefix (endpoint from env)
+    max_failures: int = 2  # worker-group restarts before the run fails
+    output_dir: str | None = None  # plots/summary; default <storage_path>/<name> when local
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """Prometheus exporter in each worker."""
+
+    port: int = 0  # exporter port = port + local_rank; 0 disables
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Image -> video sampling."""
+
+    steps: int = 50  # DDIM steps (paper: 50)
+    guidance_scale: float = 1.0  # classifier-free guidance on text; 1 disables
+    eta: float = 0.0  # DDIM eta
+    seed: int = 0
+    fps: int = 4  # of the written MP4/GIF
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run: every section, each handed only to its own component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        m, c, p = self.model, self.codec, self.preprocess
+        if c.kind == "lossless":
+            if 3 * c.downscale**2 != m.latent_channels:
+                raise ValueError(
+                    f"model.latent_channels={m.latent_channels} does not match the lossless codec "
+                    f"(3 * codec.downscale^2 = {3 * c.downscale**2})"
+                )
+            if p.resolution != m.latent_size * c.downscale:
+                raise ValueError(
+                    f"preprocess.resolution={p.resolution} must equal model.latent_size * "
+                    f"codec.downscale = {m.latent_size * c.downscale}"
+                )
+        if p.num_frames != m.num_frames:
+            raise ValueError(
+                f"preprocess.num_frames={p.num_frames} must equal model.num_frames={m.num_frames}"
+            )
+        if m.unet.cross_attention_dim < 1:
+            raise ValueError("model.unet.cross_attention_dim must be >= 1")
+        for ws in self.scaling.world_sizes:
+            per_step = self.data.micro_batch_size * ws
+            if self.train.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
+                    f"data.micro_batch_size x world size = {self.data.micro_batch_size} x {ws}; "
+                    f"every world size in {list(self.scaling.world_sizes)} must divide it"
+                )
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step that keep the global batch fixed at this world size."""
+        return self.train.global_batch_size // (self.data.micro_batch_size * world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def hash(self) -> str:
+        """Stable hash of the parts that change what is trained (not run/scaling/metrics)."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("model", "diffusion", "codec", "train")}
+        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "prefetch_factor", "pin_memory")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict/list/scalars (tuples become lists), YAML/JSON-safe."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and minimally coerce) `value` against annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{source}: '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(
+                f"{source}: unknown key '{where}' (known keys here: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', yaml-parsed c)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", cls: type = Config) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    return _build(cls, data, "", source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a `Config` from YAML (or defaults when `path` is None) plus `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _set_dotted(data, key, value)
+    if overrides:
+        source += " (with --set overrides)"
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
