@@ -1,0 +1,186 @@
+"""Temporal Noise Fusion (TNF): merge residual noise (UNet) and reference noise (image prior).
+
+eps_hat^i = phi(delta^i, eps_ref^i, t). The paper gives the shape of phi — adaptive
+LayerNorm on residual-noise features modulated by t, self-attention, cross-attention with
+[eps_ref, delta] as key/value, a projection back to noise space — and leaves the rest open.
+Our choices, each a `FusionConfig` field:
+
+- Tokens are p x p latent patches (`patch_size`) of every frame, with learned frame and
+  spatial position embeddings. Attention spans the whole clip rather than one frame: how
+  much to trust the reference noise depends on the distance from the first frame (the
+  linear ablation hard-codes exactly that), so the block must know the frame index, and
+  comparing a frame with its neighbours is cheap (F*(h/p)*(w/p) tokens: 1,024 at paper
+  scale with p=2).
+- Key/value are the reference tokens and the residual tokens side by side on the sequence
+  axis, each with a learned type embedding and LayerNorm'd: the reference noise is
+  unbounded for small t (it divides by sqrt(1 - abar_t)), so it must be normalised before
+  it is mixed.
+- Each block is adaLN-Zero style (DiT): the timestep embedding produces shift, scale and
+  a gate per sub-layer, gates initialised to zero.
+- The output is delta + a zero-initialised projection of the tokens, so an untrained TNF
+  passes the UNet's prediction through unchanged: fine-tuning a pretrained UNet starts
+  from its competence, and the fusion learns how far to lean on the prior.
+
+Also `LinearFusion` (TRIP^W ablation: lambda falling linearly over frames) and `NoFusion`
+(TRIP^-: the UNet predicts the noise directly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trip.config import FusionConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps: [B] -> [B, dim] (float32)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class Attention(nn.Module):
+    """Multi-head attention on PyTorch SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class TNFBlock(nn.Module):
+    """adaLN -> self-attention -> adaLN -> cross-attention([ref, residual]) -> adaLN -> MLP."""
+
+    def __init__(self, dim: int, heads: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.self_attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.cross_attn = Attention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 9 * dim))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        mods = self.modulation(cond)[:, None].chunk(9, dim=-1)
+        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = mods
+        h = self.norm1(x) * (1 + sc1) + sh1
+        x = x + g1 * self.self_attn(h, h)
+        h = self.norm2(x) * (1 + sc2) + sh2
+        x = x + g2 * self.cross_attn(h, kv)
+        h = self.norm3(x) * (1 + sc3) + sh3
+        return x + g3 * self.mlp(h)
+
+
+class TemporalNoiseFusion(nn.Module):
+    """TNF over [B, C, F, H, W] noise tensors."""
+
+    def __init__(self, cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        if latent_size % p:
+            raise ValueError(f"latent_size {latent_size} must be divisible by fusion.patch_size {p}")
+        self.cfg = cfg
+        self.channels = channels
+        self.num_frames = num_frames
+        self.grid = latent_size // p
+        patch_dim = channels * p * p
+        self.embed_residual = nn.Linear(patch_dim, cfg.dim)
+        self.embed_kv = nn.Linear(patch_dim, cfg.dim)
+        self.kv_norm = nn.LayerNorm(cfg.dim)
+        self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # 0: reference, 1: residual
+        self.frame_embed = nn.Parameter(torch.zeros(num_frames, cfg.dim))
+        self.space_embed = nn.Parameter(torch.zeros(self.grid * self.grid, cfg.dim))
+        for p_ in (self.type_embed, self.frame_embed, self.space_embed):
+            nn.init.normal_(p_, std=0.02)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.timestep_dim, cfg.timestep_dim), nn.SiLU(), nn.Linear(cfg.timestep_dim, cfg.timestep_dim)
+        )
+        self.blocks = nn.ModuleList(TNFBlock(cfg.dim, cfg.heads, cfg.timestep_dim) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, patch_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> [B, F*g*g, C*p*p]."""
+        b, c, f, h, w = x.shape
+        p = self.cfg.patch_size
+        x = x.reshape(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return x.reshape(b, f * (h // p) * (w // p), c * p * p)
+
+    def _unpatchify(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        b = x.shape[0]
+        p, g, c = self.cfg.patch_size, self.grid, self.channels
+        x = x.reshape(b, f, g, g, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        return x.reshape(b, c, f, g * p, g * p)
+
+    def _positions(self, f: int) -> torch.Tensor:
+        return (self.frame_embed[:f, None] + self.space_embed[None]).reshape(1, -1, self.cfg.dim)
+
+    def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Fused noise [B, C, F, H, W] from residual and reference noise of the same shape."""
+        f = residual.shape[2]
+        if f > self.num_frames:
+            raise ValueError(f"TNF was built for at most {self.num_frames} frames, got {f}")
+        dtype = self.embed_residual.weight.dtype
+        pos = self._positions(f)
+        res_tok = self._patchify(residual.to(dtype))
+        ref_tok = self._patchify(reference.to(dtype))
+        x = self.embed_residual(res_tok) + pos
+        kv = torch.cat([
+            self.embed_kv(ref_tok) + self.type_embed[0] + pos,
+            self.embed_kv(res_tok) + self.type_embed[1] + pos,
+        ], dim=1)
+        kv = self.kv_norm(kv)
+        cond = self.time_mlp(timestep_embedding(timesteps, self.cfg.timestep_dim).to(dtype))
+        for block in self.blocks:
+            x = block(x, kv, cond)
+        delta = self._unpatchify(self.proj_out(self.norm_out(x)), f)
+        return residual + delta.to(residual.dtype)
+
+
+class LinearFusion(nn.Module):
+    """TRIP^W: eps_hat^i = lambda^i eps_ref^i + (1 - lambda^i) delta^i, lambda linear in i."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.start, self.end = cfg.linear_start, cfg.linear_end
+
+    def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        f = residual.shape[2]
+        lam = torch.linspace(self.start, self.end, f, device=residual.device, dtype=torch.float32)
+        lam = lam.view(1, 1, f, 1, 1)
+        return (lam * reference.float() + (1 - lam) * residual.float()).to(residual.dtype)
+
+
+class NoFusion(nn.Module):
+    """TRIP^-: no shortcut path, the UNet output is the noise prediction."""
+
+    def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return residual
+
+
+def build_fusion(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> nn.Module:
+    if cfg.mode == "tnf":
+        return TemporalNoiseFusion(cfg, channels, num_frames, latent_size)
+    if cfg.mode == "linear":
+        return LinearFusion(cfg)
+    return NoFusion()

@@ -1,0 +1,177 @@
+"""TRIPModel: residual 3D-UNet + image noise prior + temporal noise fusion.
+
+Single-device code: no Ray, no DeepSpeed. The model owns the noise schedule it was trained
+with (`alphas_cumprod`, a non-persistent buffer rebuilt from the diffusion config) because
+the shortcut path needs it at every call; everything else about diffusion (sampling
+timesteps and noise, the scheduler's update rule) lives outside, in `trip.diffusion` and
+`trip.sampling`.
+
+A saved model directory holds `config.json` (model + diffusion sections) and
+`model.safetensors`, written with `save_pretrained` and read by `from_pretrained`, from a
+local path or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from trip.config import ConfigError, DiffusionConfig, ModelConfig, config_from_dict, to_dict
+from trip.model.fusion import build_fusion
+from trip.model.noise_prior import image_noise_prior
+from trip.model.unet import ResidualUNet3D, read_diffusers_unet, unet_config_from_diffusers
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def alphas_cumprod_for(cfg: DiffusionConfig) -> torch.Tensor:
+    """abar_t of the configured schedule, from the diffusers scheduler itself."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                          beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    return sched.alphas_cumprod.clone().float()
+
+
+@dataclass
+class TRIPOutput:
+    """What one forward pass predicts, each [B, C, F, H, W]."""
+
+    noise: torch.Tensor  # fused prediction eps_hat
+    residual: torch.Tensor  # UNet output delta
+    reference: torch.Tensor  # image noise prior eps_ref
+
+
+class TRIPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.diffusion_cfg = diffusion or DiffusionConfig()
+        self.unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
+        self.fusion = build_fusion(cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
+        self.register_buffer("alphas_cumprod", alphas_cumprod_for(self.diffusion_cfg), persistent=False)
+        self.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        if cfg.pretrained_unet:
+            self.load_pretrained_unet(cfg.pretrained_unet)
+
+    # ------------------------------------------------------------------ construction
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.unet.gradient_checkpointing = enabled
+
+    def load_pretrained_unet(self, path: str) -> None:
+        """Initialise the residual UNet from a diffusers-format `unet/` (ModelScope T2V)."""
+        config, state = read_diffusers_unet(path)
+        theirs, _, out_ch = unet_config_from_diffusers(config, path)
+        if theirs != self.cfg.unet or out_ch != self.cfg.latent_channels:
+            raise ValueError(
+                f"pretrained UNet {path} does not match model.unet: theirs {to_dict(theirs)} "
+                f"(out_channels={out_ch}), ours {to_dict(self.cfg.unet)} (latent_channels={self.cfg.latent_channels})"
+            )
+        self.unet.load_diffusers_state_dict(state, path)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The two parameter groups of the paper: the 3D-UNet and the fusion module."""
+        return {
+            "unet": [p for p in self.unet.parameters() if p.requires_grad],
+            "fusion": [p for p in self.fusion.parameters() if p.requires_grad],
+        }
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_inputs(self, noisy: torch.Tensor, image: torch.Tensor, t: torch.Tensor,
+                      text: torch.Tensor | None) -> None:
+        c, s = self.cfg.latent_channels, self.cfg.latent_size
+        if noisy.ndim != 5 or noisy.shape[1] != c or tuple(noisy.shape[3:]) != (s, s):
+            raise ValueError(f"noisy_latents: expected [B, {c}, F, {s}, {s}], got {tuple(noisy.shape)}")
+        b = noisy.shape[0]
+        if tuple(image.shape) != (b, c, s, s):
+            raise ValueError(f"image_latents: expected [{b}, {c}, {s}, {s}], got {tuple(image.shape)}")
+        if t.ndim != 1 or t.shape[0] != b:
+            raise ValueError(f"timesteps: expected [{b}], got {tuple(t.shape)}")
+        if text is not None and (text.ndim != 3 or text.shape[0] != b
+                                 or text.shape[2] != self.cfg.unet.cross_attention_dim):
+            raise ValueError(
+                f"text_states: expected [{b}, L, {self.cfg.unet.cross_attention_dim}], got {tuple(text.shape)}"
+            )
+
+    def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The "no caption" condition: one all-zero token."""
+        return torch.zeros(batch, 1, self.cfg.unet.cross_attention_dim, device=device)
+
+    def forward(self, noisy_latents: torch.Tensor, image_latents: torch.Tensor,
+                timesteps: torch.Tensor, text_states: torch.Tensor | None = None) -> TRIPOutput:
+        """Predict the noise of every frame.
+
+        Args:
+            noisy_latents: z_t, [B, C, F, H, W].
+            image_latents: z_0^1, clean latent of the given image, [B, C, H, W].
+            timesteps: [B] integer diffusion steps.
+            text_states: [B, L, D] text hidden states, or None for no caption.
+        """
+        self._check_inputs(noisy_latents, image_latents, timesteps, text_states)
+        if text_states is None:
+            text_states = self.null_text(noisy_latents.shape[0], noisy_latents.device)
+        residual = self.unet(noisy_latents, image_latents, timesteps, text_states)
+        reference = image_noise_prior(noisy_latents, image_latents, self.alphas_cumprod, timesteps)
+        noise = self.fusion(residual, reference, timesteps)
+        return TRIPOutput(noise=noise, residual=residual, reference=reference)
+
+    # ------------------------------------------------------------------ persistence
+
+    def config_dict(self) -> dict:
+        return {"model": to_dict(self.cfg), "diffusion": to_dict(self.diffusion_cfg), "format": "trip/1"}
+
+    def save_pretrained(self, path: str, state_dict: dict[str, torch.Tensor] | None = None,
+                        extra: dict | None = None) -> None:
+        """Write config.json + model.safetensors to a local dir or fsspec URL.
+
+        `state_dict` replaces the live weights (e.g. EMA weights on export); `extra` adds
+        config sections that travel with the model (the codec and sample settings).
+        """
+        from safetensors.torch import save_file
+
+        from trip.storage import local_dir_for_upload
+
+        state = state_dict if state_dict is not None else self.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        with local_dir_for_upload(path) as local:
+            cfg = {**(extra or {}), **self.config_dict()}
+            cfg["model"] = dict(cfg["model"], pretrained_unet=None)  # weights are in this dir now
+            tmp = os.path.join(local, f".{WEIGHTS_NAME}.tmp")
+            save_file(state, tmp)
+            os.replace(tmp, os.path.join(local, WEIGHTS_NAME))
+            with open(os.path.join(local, CONFIG_NAME), "w") as fh:
+                json.dump(cfg, fh, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> TRIPModel:
+        """Load a directory written by `save_pretrained` (local or fsspec URL)."""
+        from safetensors.torch import load_file
+
+        from trip.storage import local_copy
+
+        try:
+            local = local_copy(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
+        cfg_path = os.path.join(local, CONFIG_NAME)
+        weights = os.path.join(local, WEIGHTS_NAME)
+        for needed in (cfg_path, weights):
+            if not os.path.isfile(needed):
+                raise FileNotFoundError(f"{path}: missing {os.path.basename(needed)} (is this a TRIP model dir?)")
+        with open(cfg_path) as fh:
+            raw = json.load(fh)
+        if raw.get("format") != "trip/1":
+            raise ConfigError(f"{cfg_path}: not a TRIP model config (format {raw.get('format')!r})")
+        model_cfg = config_from_dict(raw["model"], cfg_path + ":model", ModelConfig)
+        diff_cfg = config_from_dict(raw["diffusion"], cfg_path + ":diffusion", DiffusionConfig)
+        model = cls(model_cfg, diff_cfg)
+        model.load_state_dict(load_file(weights, device=str(map_location)), strict=True)
+        return model
+
