@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="directory of reference clips (for FVD/FID)")
     p.add_argument("--clip", default=None, help="CLIP model directory (for F-Consistency)")
     p.add_argument("--i3d", default=None, help="I3D weights (TorchScript or state dict) for FVD")
-    p.add_argument("--inception", default=None, help="Inception weights for FID")
+    p.add_argument("--inception", default=None, help="Inception weights (TorchScript or state dict) for FID")
     p.add_argument("--out", default="eval_report.json", help="JSON report path")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per clip used by every metric (default: the shortest clip's length)")
+    p.add_argument("--device", default="auto", help="torch device for the networks (auto: cuda if available)")
     p.set_defaults(func=_dispatch("trip.eval.cli:main"))
     return parser
 

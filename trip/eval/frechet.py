@@ -1,0 +1,82 @@
+"""Frechet distance between feature Gaussians: the mathematics behind FVD and FID.
+
+FVD and FID are the same formula on different features (I3D per clip, Inception per
+frame): fit a Gaussian (mean, covariance) to each set and take
+
+    d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+The usual implementation calls `scipy.linalg.sqrtm(S1 @ S2)`, which is a general
+(non-symmetric) square root: it can return complex parts and needs an eps-offset retry
+when the product is near-singular (always the case when there are fewer samples than
+feature dimensions). We use the symmetric form instead: with R = S1^(1/2),
+tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)), and R S2 R is symmetric positive semi-definite,
+so its trace-sqrt is the sum of the square roots of its (clipped) eigenvalues. Two
+`eigh` calls, no complex numbers, no eps retry, exact for singular covariances.
+Everything runs in float64: the result is a small difference of large traces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean [D] and covariance [D, D] of a feature set (float64), with its sample count."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    count: int
+
+
+def fit_gaussian(features: np.ndarray, what: str = "features") -> Gaussian:
+    """Mean and unbiased covariance of `features` [N, D] (N >= 2)."""
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2:
+        raise ValueError(f"{what} must be [N, D], got shape {feats.shape}")
+    if feats.shape[0] < 2:
+        raise ValueError(f"{what}: a covariance needs at least 2 samples, got {feats.shape[0]}")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{what} contain NaN or Inf values")
+    return Gaussian(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], -1),
+                    int(feats.shape[0]))
+
+
+def _psd_sqrt(mat: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix [D, D] (negative round-off clipped)."""
+    vals, vecs = np.linalg.eigh((mat + mat.T) / 2.0)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+    """tr((cov1 @ cov2)^(1/2)) for symmetric PSD [D, D] matrices, via the symmetric form."""
+    root1 = _psd_sqrt(np.asarray(cov1, dtype=np.float64))
+    inner = root1 @ np.asarray(cov2, dtype=np.float64) @ root1
+    vals = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(np.sqrt(np.clip(vals, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2).
+
+    mu: [D]; cov: [D, D] symmetric PSD. Returns a float >= 0 (tiny negative round-off is
+    clipped to 0, so identical inputs give exactly 0 or a value at float64 precision).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"means must be [D] of equal size, got {mu1.shape} and {mu2.shape}")
+    d = mu1.shape[0]
+    if cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise ValueError(f"covariances must be [{d}, {d}], got {cov1.shape} and {cov2.shape}")
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt_product(cov1, cov2)
+    return max(float(value), 0.0)
+
+
+def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to two feature sets [N1, D] and [N2, D]."""
+    g1, g2 = fit_gaussian(feats1, "first feature set"), fit_gaussian(feats2, "second feature set")
+    return frechet_distance(g1.mean, g1.cov, g2.mean, g2.cov)
