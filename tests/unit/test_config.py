@@ -1,0 +1,73 @@
+"""Config loading: strict keys and types, overrides, cross-field checks."""
+
+from pathlib import Path
+
+import pytest
+
+from trip.cli import main as trip_main
+from trip.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+TINY = str(CONFIGS / "tiny_cpu.yaml")
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_validate():
+    for name in ("tiny_cpu", "base_256"):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        assert cfg.model.num_frames == cfg.preprocess.num_frames
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    p = _write(tmp_path, "train:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'train.max_stepz'"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = _write(tmp_path, "train:\n  max_steps: lots\n")
+    with pytest.raises(ConfigError, match=r"'train.max_steps' must be an integer, got 'lots'"):
+        load_config(p)
+
+
+def test_literal_fields_list_the_choices(tmp_path):
+    p = _write(tmp_path, "model:\n  fusion:\n    mode: mean\n")
+    with pytest.raises(ConfigError, match=r"'model.fusion.mode' must be one of \['tnf', 'linear', 'none'\]"):
+        load_config(p)
+
+
+def test_set_overrides_are_parsed_as_yaml_and_applied():
+    cfg = load_config(TINY,
+                      ["train.max_steps=7", "model.fusion.mode=linear", "run.name=x"])
+    assert cfg.train.max_steps == 7 and cfg.model.fusion.mode == "linear" and cfg.run.name == "x"
+
+
+def test_indivisible_global_batch_is_rejected_for_every_elastic_world_size():
+    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by .* 4 x 3"):
+        load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=3"])
+
+
+def test_grad_accum_keeps_the_global_batch_when_world_size_changes():
+    cfg = load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=2"])
+    assert cfg.grad_accum_steps(2) * 2 * cfg.data.micro_batch_size == cfg.train.global_batch_size
+    assert cfg.grad_accum_steps(1) * 1 * cfg.data.micro_batch_size == cfg.train.global_batch_size
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_config_validate_and_show(capsys, tmp_path):
+    assert trip_main(["config", "validate", "-c", TINY]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert trip_main(["config", "show", "-c", TINY, "--set", "train.seed=5"]) == 0
+    assert "seed: 5" in capsys.readouterr().out
+    bad = _write(tmp_path, "nonsense: 1\n")
+    assert trip_main(["config", "validate", "-c", str(bad)]) == 2
+    assert "unknown key 'nonsense'" in capsys.readouterr().err
