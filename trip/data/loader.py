@@ -1,0 +1,426 @@
+"""The streaming latent loader: exactly-once delivery across restarts and world-size changes.
+
+Plain webdataset splits *shards* between ranks and workers and keeps no position, so a
+job restarted at another size repeats or skips data, and uneven shards give ranks
+different batch counts (a collective hang). This loader splits *samples* instead, by a
+rule that can be recomputed anywhere.
+
+Design
+------
+1. Global order. For epoch e the samples are ordered by `plan.EpochOrder`: shards
+   permuted by (seed, e), consecutive shards grouped until a group holds
+   `shuffle_buffer` samples, each group's samples permuted by (seed, e, group). The
+   order depends on the dataset's index.json, seed, epoch and shuffle_buffer only,
+   never on world size or worker count. A sample's place in it is its *position*.
+2. State. What has been delivered is a set of positions of the current epoch, kept as
+   a few [start, stop) ranges (`plan.Intervals`), plus the epoch, seed, shuffle_buffer
+   and a fingerprint of the shard list. A position is recorded in the main process when
+   its batch is handed to the training step (not when a DataLoader worker produced it,
+   so prefetched batches are never counted), padding is never recorded.
+3. Assignment. At the start of a pass the not-yet-delivered positions are numbered
+   0..R-1 ("remaining index"). Rank r of W takes a contiguous, balanced run of them
+   (`plan.Split`), and every rank yields the same number of batches:
+     - uneven="drop": only whole rounds of W * micro_batch_size are dealt; the at most
+       W * B - 1 samples at the end of the epoch's order are not delivered in this
+       epoch (they are different samples every epoch since the order is reshuffled);
+     - uneven="pad": all R are dealt; a rank's last batch is filled with repeats of its
+       own samples whose `valid` entry is False, so the step can mask them.
+   Each DataLoader worker takes a contiguous run of its rank's batches, so a worker
+   reads one region of the order and every shard is fetched about once per epoch.
+4. Checkpoint. Each rank knows only its own deliveries, so the training loop gathers
+   `state_dict()` from every rank (taken at the same step) and stores
+   `LatentLoader.merge_states(states)`: the union of delivered positions. A loader at
+   any (rank, world size, worker count) built from it recomputes the same order,
+   removes the delivered positions and deals the rest: every remaining sample of the
+   epoch is delivered exactly once, then the next epoch starts with the config's seed
+   and shuffle_buffer (the resumed epoch keeps the ones it started with).
+
+Passes and epochs: `for batch in loader` yields this rank's remaining batches of the
+current epoch and stops; the epoch then advances and iterating again runs the next one.
+Leaving the loop early keeps the position, so iterating again continues the same epoch.
+
+Faults: shards are fetched whole with retries and backoff (`data.retries`); a corrupt
+or truncated sample, or a shard that is missing or unreadable, is logged with shard and
+key, counted (`corrupt_samples`, for `trip_data_corrupt_samples_total`) and delivered
+as an all-zero slot with `valid=False`. When a rank's corrupt count in a pass exceeds
+`max_corrupt_fraction` of the samples dealt to it, `CorruptDataError` names the shards.
+The count is per rank: a whole bad shard weighs on the one rank that reads it.
+
+Speed: decoding is zero-copy (`shardio`), batches are collated in the workers straight
+into shared memory as float32, and only ready batches cross the process boundary;
+each worker fetches the next shards on a background thread while it collates.
+`wait_seconds` is the time the training step spent blocked on the loader.
+
+Batch (B = micro_batch_size): latents float32 [B, F, C, h, w]; image_latents float32
+[B, C, h, w] (frame `image_frame`); text_states float32 [B, L, D] when the shards have
+text and `data.text`; valid bool [B]; captions list[str]; keys list[str].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_tools.shards import read_index
+from trip import storage
+from trip.config import DataConfig
+from trip.data import shardio
+from trip.data.plan import EpochOrder, Intervals, Split
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_LOOKAHEAD = 2  # shards fetched ahead of the one being collated, per worker
+
+
+class CorruptDataError(RuntimeError):
+    """More corrupt samples than `data.max_corrupt_fraction` allows; names the shards."""
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class _Pass:
+    """Everything a worker needs to produce its batches of one pass (cheap to fork/pickle)."""
+
+    urls: list[str]
+    names: list[str]
+    shard_sizes: list[int]
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    remaining: list[list[int]]
+    split: Split
+    rank: int
+    latent_shape: tuple[int, ...]
+    text_shape: tuple[int, ...] | None
+    image_frame: int
+    retries: int
+
+
+@dataclass
+class _Shard:
+    samples: list[dict[str, Any]]
+    error: str | None
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory inside a worker so the hand-off copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+
+
+class _PassStream(IterableDataset):
+    """Yields this worker's ready-made batches of one pass (DataLoader batch_size=None)."""
+
+    def __init__(self, job: _Pass) -> None:
+        self.job = job
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        return _produce(self.job, worker, num_workers)
+
+
+def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    batches = job.split.worker_batches(worker, num_workers)
+    if not batches:
+        return
+    bsz = job.split.batch_size
+    idx, valid = job.split.batch_indices(job.rank, batches)
+    positions = Intervals(job.remaining).at(idx)
+    order = EpochOrder(job.shard_sizes, seed=job.seed, epoch=job.epoch, shuffle_buffer=job.shuffle_buffer)
+    shard, ordinal = order.locate(positions)
+    shard, ordinal = shard.reshape(-1, bsz), ordinal.reshape(-1, bsz)
+    positions, valid = positions.reshape(-1, bsz), valid.reshape(-1, bsz)
+    needed = list(dict.fromkeys(shard.ravel().tolist()))  # in order of first use
+    rank_of = {s: i for i, s in enumerate(needed)}
+    last_use = {int(s): j for j, row in enumerate(shard) for s in row}
+    fs, _ = shardio.open_filesystem(job.urls[0])
+    loaded: dict[int, Future[_Shard]] = {}
+    submitted = 0
+
+    def load(s: int) -> _Shard:
+        url = job.urls[s]
+        try:
+            buf = shardio.fetch(fs, fs._strip_protocol(url), url, retries=job.retries)
+        except FileNotFoundError:
+            return _Shard([], f"{url}: shard listed in index.json is missing")
+        samples, error = shardio.read_samples(buf, url)
+        if len(samples) > job.shard_sizes[s]:
+            log.warning("%s holds %d samples, index.json says %d: the extra ones are never read",
+                        url, len(samples), job.shard_sizes[s])
+        return _Shard(samples, error)
+
+    with ThreadPoolExecutor(max_workers=_LOOKAHEAD) as pool:
+        for j in range(shard.shape[0]):
+            row_shards = list(dict.fromkeys(shard[j].tolist()))
+            upto = max(rank_of[s] for s in row_shards) + _LOOKAHEAD
+            while submitted < min(upto + 1, len(needed)):
+                loaded[needed[submitted]] = pool.submit(load, needed[submitted])
+                submitted += 1
+            rows = [(loaded[int(s)].result(), int(s), int(o)) for s, o in zip(shard[j], ordinal[j])]
+            yield _collate(job, rows, positions[j], valid[j])
+            for s in row_shards:
+                if last_use[s] == j:
+                    del loaded[s]
+
+
+def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndarray,
+             valid: np.ndarray) -> dict[str, Any]:
+    """One batch, decoded straight into (shared) float32 tensors; bad slots are zeroed."""
+    bsz = len(rows)
+    latents = _shared_empty((bsz, *job.latent_shape), torch.float32)
+    image = _shared_empty((bsz, *job.latent_shape[1:]), torch.float32)
+    text = _shared_empty((bsz, *job.text_shape), torch.float32) if job.text_shape else None
+    lat_np, text_np = latents.numpy(), (text.numpy() if text is not None else None)
+    ok = valid.copy()
+    keys, captions, corrupt = [], [], []
+    for i, (sh, s, o) in enumerate(rows):
+        name = job.names[s]
+        sample = sh.samples[o] if o < len(sh.samples) else None
+        key = sample["__key__"] if sample else f"#{o}"
+        try:
+            if sample is None:
+                raise ValueError(sh.error or "sample missing from shard")
+            captions.append(_fill(job, sample, i, lat_np, text_np))
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            lat_np[i] = 0
+            if text_np is not None:
+                text_np[i] = 0
+            captions.append("")
+            ok[i] = False
+            if valid[i]:  # padding repeats a sample already reported
+                corrupt.append((name, key, str(e)))
+        keys.append(key)
+    image.numpy()[:] = lat_np[:, job.image_frame]
+    batch: dict[str, Any] = {"latents": latents, "image_latents": image}
+    if text is not None:
+        batch["text_states"] = text
+    batch.update(valid=torch.from_numpy(ok), captions=captions, keys=keys,
+                 _positions=positions[valid].tolist(), _corrupt=corrupt)
+    return batch
+
+
+def _fill(job: _Pass, sample: dict[str, Any], i: int, lat_np: np.ndarray,
+          text_np: np.ndarray | None) -> str:
+    """Decode one sample into slot i; returns its caption. Raises on anything malformed."""
+    lat = shardio.npy_view(sample["latents.npy"])
+    if lat.shape != job.latent_shape:
+        raise ValueError(f"latents shape {lat.shape}, index.json says {job.latent_shape}")
+    if text_np is not None:
+        txt = shardio.npy_view(sample["text.npy"])
+        if txt.shape != job.text_shape:
+            raise ValueError(f"text states shape {txt.shape}, index.json says {job.text_shape}")
+        text_np[i] = txt
+    lat_np[i] = lat  # float16 -> float32 in the same copy
+    if "txt" in sample:
+        return bytes(sample["txt"]).decode("utf-8")
+    meta = json.loads(bytes(sample["json"]))
+    return str(meta.get("caption", "")) if isinstance(meta, dict) else ""
+
+
+# --------------------------------------------------------------------------- main side
+
+
+def _fingerprint(index: dict[str, Any]) -> str:
+    shards = [[s["name"], int(s["samples"])] for s in index["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+class LatentLoader:
+    """Exactly-once streaming loader over a latent dataset for one rank (see module docstring).
+
+    `for batch in loader` yields this rank's remaining batches of the current epoch;
+    `state_dict()` describes what this rank delivered; `merge_states` joins all ranks'.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: dict[str, Any] | None = None,
+                 device: torch.device | None = None) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if not cfg.dataset:
+            raise ValueError("data.dataset is empty: set it to the dataset prefix holding index.json")
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.index = storage.retry(lambda: read_index(cfg.dataset), attempts=cfg.retries + 1,
+                                   what=f"reading {storage.join(cfg.dataset, 'index.json')}",
+                                   retry_on=(OSError,))
+        self._names = [s["name"] for s in self.index["shards"]]
+        self._sizes = [int(s["samples"]) for s in self.index["shards"]]
+        self._urls = [storage.join(cfg.dataset, n) for n in self._names]
+        self.num_samples = sum(self._sizes)
+        self._latent_shape = tuple(int(x) for x in self.index["latent_shape"])
+        text_shape = self.index.get("text_shape")
+        self._text_shape = tuple(int(x) for x in text_shape) if cfg.text and text_shape else None
+        if not 0 <= cfg.image_frame < self._latent_shape[0]:
+            raise ValueError(f"data.image_frame={cfg.image_frame} is outside the {self._latent_shape[0]} "
+                             f"frames of {cfg.dataset}")
+        self._dataset_id = _fingerprint(self.index)
+        self.batches_per_epoch = self._split(self.num_samples).num_batches
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.dataset} has {self.num_samples} samples, fewer than world_size x "
+                f"micro_batch_size = {world_size * cfg.micro_batch_size}: no rank would get a batch "
+                f"(use data.uneven='pad' or a smaller batch)")
+        self.wait_seconds = 0.0  # time the consumer spent blocked on this loader
+        self.corrupt_samples = 0  # corrupt samples met (all passes), for the metrics module
+        self.delivered_samples = 0  # valid samples handed to the training step (all passes)
+        self._exhausted = False
+        self._token: object | None = None
+        self._restore(state)
+
+    # ------------------------------------------------------------------ state
+    def _restore(self, state: dict[str, Any] | None) -> None:
+        self.epoch, self._seed, self._buffer = 0, self.cfg.seed, self.cfg.shuffle_buffer
+        self._consumed = Intervals()
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("dataset") != self._dataset_id or state.get("num_samples") != self.num_samples:
+            raise ValueError(
+                f"loader state belongs to another dataset (fingerprint {state.get('dataset')}, "
+                f"{state.get('num_samples')} samples) than {self.cfg.dataset} ({self._dataset_id}, "
+                f"{self.num_samples} samples): resuming would not be exactly-once")
+        consumed = Intervals(state["consumed"])
+        if consumed.ranges and consumed.ranges[-1][1] > self.num_samples:
+            raise ValueError("loader state has positions beyond the dataset's sample count")
+        self.epoch, self._seed, self._buffer = int(state["epoch"]), int(state["seed"]), int(state["shuffle_buffer"])
+        self._consumed = consumed
+        self._exhausted = bool(state.get("exhausted", False))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this rank has delivered to the training step (JSON-serialisable, small)."""
+        return {
+            "version": STATE_VERSION,
+            "dataset": self._dataset_id,
+            "num_samples": self.num_samples,
+            "epoch": self.epoch,
+            "seed": self._seed,
+            "shuffle_buffer": self._buffer,
+            "consumed": self._consumed.to_list(),
+            "exhausted": self._exhausted,
+        }
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One global state from every rank's `state_dict()` taken at the same step.
+
+        The result resumes at any (rank, world size, worker count). Ranks one epoch behind
+        are accepted only if they had delivered all their batches of that epoch.
+        """
+        if not states:
+            raise ValueError("merge_states needs at least one state")
+        for key in ("version", "dataset", "num_samples"):
+            if len({json.dumps(s.get(key)) for s in states}) != 1:
+                raise ValueError(f"loader states disagree on {key!r}: {[s.get(key) for s in states]}")
+        top = max(int(s["epoch"]) for s in states)
+        current = [s for s in states if int(s["epoch"]) == top]
+        for i, s in enumerate(states):
+            if int(s["epoch"]) < top and (int(s["epoch"]) != top - 1 or not s.get("exhausted")):
+                raise ValueError(f"loader state {i} is at epoch {s['epoch']} with undelivered batches "
+                                 f"while another rank is at epoch {top}: states were not taken at the same step")
+        for key in ("seed", "shuffle_buffer"):
+            if len({s[key] for s in current}) != 1:
+                raise ValueError(f"loader states of epoch {top} disagree on {key!r}")
+        consumed = Intervals()
+        for s in current:
+            consumed = consumed.union(Intervals(s["consumed"]))
+        merged = dict(current[0])
+        merged.update(consumed=consumed.to_list(), exhausted=all(bool(s.get("exhausted")) for s in current))
+        return merged
+
+    # ------------------------------------------------------------------ passes
+    def _split(self, remaining: int) -> Split:
+        return Split(remaining=remaining, world_size=self.world_size,
+                     batch_size=self.cfg.micro_batch_size, pad=self.cfg.uneven == "pad")
+
+    def _advance_epoch(self) -> None:
+        self.epoch += 1
+        self._seed, self._buffer = self.cfg.seed, self.cfg.shuffle_buffer
+        self._consumed = Intervals()
+        self._exhausted = False
+
+    def _current_split(self) -> tuple[Intervals, Split]:
+        """The remaining positions and their split; skips over an epoch with nothing left."""
+        while True:
+            remaining = self._consumed.complement(self.num_samples)
+            split = self._split(len(remaining))
+            if split.num_batches > 0 or not self._consumed.ranges:
+                return remaining, split
+            self._advance_epoch()
+
+    def __len__(self) -> int:
+        """Batches the next (or current) pass yields on this rank."""
+        return self._current_split()[1].num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        remaining, split = self._current_split()
+        job = _Pass(urls=self._urls, names=self._names, shard_sizes=self._sizes, seed=self._seed,
+                    epoch=self.epoch, shuffle_buffer=self._buffer, remaining=remaining.to_list(),
+                    split=split, rank=self.rank, latent_shape=self._latent_shape,
+                    text_shape=self._text_shape, image_frame=self.cfg.image_frame, retries=self.cfg.retries)
+        token = self._token = object()  # a newer pass makes this one stop
+        return self._run(job, token)
+
+    def _dataloader(self, job: _Pass) -> DataLoader:
+        workers = min(self.cfg.num_workers, job.split.num_batches)
+        pin = self.cfg.pin_memory and torch.cuda.is_available() and (
+            self.device is None or self.device.type == "cuda")
+        return DataLoader(_PassStream(job), batch_size=None, num_workers=workers, pin_memory=pin,
+                          prefetch_factor=self.cfg.prefetch_factor if workers else None)
+
+    def _run(self, job: _Pass, token: object) -> Iterator[dict[str, Any]]:
+        split = job.split
+        budget = self.cfg.max_corrupt_fraction * (split.stop(self.rank) - split.start(self.rank))
+        bad_shards: Counter[str] = Counter()
+        self._exhausted = False
+        it = iter(self._dataloader(job))
+        try:
+            for n in range(split.num_batches):
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                self.wait_seconds += time.perf_counter() - t0
+                if batch is None:
+                    raise RuntimeError(f"loader pass ended after {n} of {split.num_batches} batches")
+                if self._token is not token:
+                    return
+                for shard, key, why in batch.pop("_corrupt"):
+                    log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, why)
+                    bad_shards[shard] += 1
+                    self.corrupt_samples += 1
+                if sum(bad_shards.values()) > budget:
+                    raise CorruptDataError(
+                        f"{sum(bad_shards.values())} corrupt samples on rank {self.rank} exceed "
+                        f"data.max_corrupt_fraction={self.cfg.max_corrupt_fraction} of the "
+                        f"{split.stop(self.rank) - split.start(self.rank)} samples dealt to it; "
+                        f"shards: {dict(bad_shards)}")
+                self._consumed.add(batch.pop("_positions"))
+                self.delivered_samples += int(batch["valid"].sum())
+                self._exhausted = n == split.num_batches - 1
+                yield self._to_device(batch)
+        finally:
+            del it  # shuts the workers down, also when the consumer leaves early
+        if self._token is token:
+            self._advance_epoch()
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.device is None or self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
