@@ -25,8 +25,9 @@ def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
                             text_shape: Sequence[int] | None = (5, 8), seed: int = 0) -> dict[str, Any]:
     """Write shards of random latents (+ text states) and index.json under `prefix`.
 
-    Sample `sample_key(s, i)` has latents filled so that frame 0, channel 0, pixel (0, 0)
-    holds `s * 1000 + i` (exact in float16 up to 2048 only, so use it for small sets).
+    Sample `sample_key(s, i)` carries its identity in its latents: frame 0, channel 0 holds
+    s at pixel (0, 0) and i at pixel (0, 1) (exact in float16 below 2048), so a test can
+    check that every delivered tensor belongs to its key.
     Returns the index dict.
     """
     rng = np.random.default_rng(seed)
@@ -35,7 +36,7 @@ def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
         writer = ShardWriter(prefix, s)
         for i in range(n):
             lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
-            lat[0, 0, 0, 0] = (s * 1000 + i) % 2048
+            lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
             text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
             key = sample_key(s, i)
             writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
