@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
     name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    # parametrized tests share their first 40 characters: a hash of the full id keeps them apart
+    name = name.rstrip("-") + "-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
