@@ -187,6 +187,7 @@ class PreprocessConfig:
     encode_batch_size: int = 16  # frames per codec call
     encode_actors: int = 1  # encoder actor pool size
     decode_threads: int = 1  # PyAV decoding threads per task
+    metrics_port: int = 0  # Prometheus exporter of the job driver; 0 disables
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.frame_stride is None):
