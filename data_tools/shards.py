@@ -189,3 +189,41 @@ def read_index(prefix: str) -> dict[str, Any]:
         raise ValueError(f"{url}: schema_version {index['schema_version']} is not supported "
                          f"(this code reads {SCHEMA_VERSION})")
     return index
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def _decode_member(name: str, data: bytes) -> Any:
+    """Only .npy (no pickle), .json and .txt are ever decoded from a shard."""
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if name.endswith(".json"):
+        return json.loads(data)
+    if name.endswith(".txt"):
+        return data.decode("utf-8")
+    raise ValueError(f"unexpected member type {name!r}")
+
+
+def read_shard(url: str) -> list[dict[str, Any]]:
+    """All samples of one shard, in tar order: {"__key__", "latents", "text"?, "json", "txt"}.
+
+    Raises ValueError naming the shard and member for anything outside the contract.
+    """
+    raw = storage.read_bytes(url)
+    samples: dict[str, dict[str, Any]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ValueError(f"{url}: member {member.name!r} is not a regular file")
+                key, _, ext = member.name.partition(".")
+                field_name = {"latents.npy": "latents", "text.npy": "text", "json": "json",
+                              "txt": "txt"}.get(ext)
+                if field_name is None:
+                    raise ValueError(f"{url}: member {member.name!r} is not part of the shard contract")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                samples.setdefault(key, {"__key__": key})[field_name] = _decode_member(member.name, data)
+    except tarfile.TarError as e:
+        raise ValueError(f"{url}: not a readable tar: {e}") from e
+    return list(samples.values())

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the preprocessing job (updated by the driver, one process).
+
+Bounded label sets only: `status` is one of ok | skipped | error, never a video id.
+`start_exporter(port)` serves them on /metrics; port 0 means no exporter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+STATUSES = ("ok", "skipped", "error")
+
+VIDEOS = Counter("trip_preprocess_videos", "Videos processed by the preprocessing job, by outcome "
+                 "(ok: written; skipped: unusable input; error: failed in our code)", ["status"])
+BYTES = Counter("trip_preprocess_bytes", "Bytes of committed shards written by preprocessing")
+ENCODE_SECONDS = Histogram("trip_preprocess_encode_seconds",
+                           "Codec + text-encoder seconds per clip in the encode actors",
+                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0))
+SHARDS = Counter("trip_preprocess_shards", "Shards committed by preprocessing")
+
+for _status in STATUSES:  # expose every series from the start, at 0
+    VIDEOS.labels(status=_status)
+
+
+def start_exporter(port: int, addr: str = "0.0.0.0") -> bool:
+    """Serve /metrics on `port` (0 disables). Returns whether an exporter was started."""
+    if not port:
+        return False
+    start_http_server(port, addr=addr)
+    return True

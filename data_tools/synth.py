@@ -1,0 +1,151 @@
+"""A deterministic synthetic WebVid-format dataset: moving coloured shapes with captions.
+
+The demo and the tests need videos whose motion is obvious, whose caption says what
+happens ("a red circle moving left"), and which a tiny model can learn on a CPU in
+minutes. Each video is one shape (circle or square) of one of four colours crossing a
+plain dark background in one of four directions over the whole clip. The same seed
+gives the same CSV and the same mp4 bytes, so nothing binary needs to live in git.
+
+Layout written under `out/`:
+    results.csv                       WebVid columns + shape, color, direction
+    videos/<page_dir>/<videoid>.mp4   H.264 (or MPEG-4 Part 2 where libx264 is missing)
+    holdout/<i>.png + holdout/captions.csv   first frames of extra, unseen videos
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
+}
+SHAPES = ("circle", "square")
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUND = (18, 18, 24)
+CSV_COLUMNS = ["videoid", "contentUrl", "duration", "page_dir", "name", "shape", "color", "direction"]
+
+
+@dataclass(frozen=True)
+class ShapeMotion:
+    """What one synthetic video shows."""
+
+    shape: str
+    color: str
+    direction: str
+    cross: float  # position across the motion axis, as a fraction of the frame
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.color} {self.shape} moving {self.direction}"
+
+
+def draw_motion(motion: ShapeMotion, size: int, num_frames: int) -> np.ndarray:
+    """Render the clip: uint8 [T, size, size, 3]; the shape travels 0.2 -> 0.8 of the frame."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    radius = 0.14 * size
+    dx, dy = DIRECTIONS[motion.direction]
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for t in range(num_frames):
+        along = 0.2 + 0.6 * t / max(num_frames - 1, 1)
+        pos = along if (dx + dy) > 0 else 1.0 - along
+        cx, cy = (pos, motion.cross) if dx else (motion.cross, pos)
+        cx, cy = cx * size, cy * size
+        if motion.shape == "circle":
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+        else:
+            mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
+        frames[t] = BACKGROUND
+        frames[t][mask] = COLORS[motion.color]
+    return frames
+
+
+def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
+    """uint8 [T, H, W, 3] -> mp4 at `path` (even H and W); written under a temporary name."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(tmp, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        # one thread and fixed settings: the same frames always give the same bytes
+        stream.codec_context.thread_count = 1
+        if codec == "libx264":
+            stream.options = {"crf": "10", "preset": "fast"}
+        else:
+            stream.bit_rate = 4_000_000
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def iso_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"PT{s // 3600:02d}H{s % 3600 // 60:02d}M{s % 60:02d}S"
+
+
+def _motions(num: int, seed: int) -> list[ShapeMotion]:
+    """Balanced over every (shape, colour, direction) combination, then shuffled by seed."""
+    rng = np.random.default_rng(seed)
+    combos = [(s, c, d) for s in SHAPES for c in COLORS for d in DIRECTIONS]
+    out: list[ShapeMotion] = []
+    while len(out) < num:
+        for i in rng.permutation(len(combos)):
+            s, c, d = combos[i]
+            out.append(ShapeMotion(s, c, d, float(rng.uniform(0.3, 0.7))))
+    return out[:num]
+
+
+def make_dataset(out: str, num: int = 48, seed: int = 0, size: int = 64, seconds: float = 4.0,
+                 fps: int = 8, holdout: int = 4) -> str:
+    """Write the dataset under `out`; returns the CSV path. Deterministic in its arguments."""
+    if size % 2:
+        raise ValueError(f"size must be even for yuv420p video, got {size}")
+    num_frames = max(2, round(seconds * fps))
+    motions = _motions(num + holdout, seed)
+    rows = []
+    for i, motion in enumerate(motions[:num]):
+        videoid, page_dir = str(1_000_000 + i), f"{i // 100:06d}_synth"
+        path = os.path.join(out, "videos", page_dir, f"{videoid}.mp4")
+        write_video(draw_motion(motion, size, num_frames), path, fps=fps)
+        rows.append({"videoid": videoid, "contentUrl": os.path.abspath(path),
+                     "duration": iso_duration(seconds), "page_dir": page_dir, "name": motion.caption,
+                     "shape": motion.shape, "color": motion.color, "direction": motion.direction})
+    csv_path = os.path.join(out, "results.csv")
+    write_csv(csv_path, rows)
+    _write_holdout(os.path.join(out, "holdout"), motions[num:], size, num_frames)
+    return csv_path
+
+
+def write_csv(path: str, rows: list[dict[str, str]], columns: list[str] | None = None) -> str:
+    """Write WebVid-style rows (atomically: a temp file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frames: int) -> None:
+    """First frames of videos not in the CSV, for sampling: <i>.png + captions.csv."""
+    if not motions:
+        return
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i, motion in enumerate(motions):
+        name = f"{i:03d}.png"
+        Image.fromarray(draw_motion(motion, size, num_frames)[0]).save(os.path.join(folder, name))
+        rows.append({"file": name, "caption": motion.caption})
+    write_csv(os.path.join(folder, "captions.csv"), rows, columns=["file", "caption"])
