@@ -36,6 +36,7 @@ LAYOUT = {
     "rayjob-preprocess.yaml": "components/preprocessing/rayjob-preprocess.yaml",
     "podmonitor-trainer.yaml": "components/monitoring/podmonitor-trainer.yaml",
     "podmonitor-ray.yaml": "components/monitoring/podmonitor-ray.yaml",
+    "podmonitor-preprocess.yaml": "components/monitoring/podmonitor-preprocess.yaml",
     "prometheusrule.yaml": "components/monitoring/prometheusrule.yaml",
     "configmap-dashboard.yaml": "components/monitoring/configmap-dashboard.yaml",
 }

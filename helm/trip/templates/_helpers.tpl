@@ -20,6 +20,21 @@ a bad combination of values fail at `helm install` time instead of on the cluste
 {{- end }}
 {{- end }}
 
+{{/* "<fullname>-<suffix>" within 63 characters; call with (list $ "suffix"). */}}
+{{- define "trip.objectName" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%s" (include "trip.fullname" $root | trunc (int (sub 62 (len (index . 1))))  | trimSuffix "-") (index . 1) }}
+{{- end }}
+
+{{/*
+Name of a RayJob: KubeRay appends a random suffix for the RayCluster and "-head-svc" for
+its Service, and refuses RayJob names longer than 47 characters.
+*/}}
+{{- define "trip.rayJobName" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%s" (include "trip.fullname" $root | trunc (int (sub 46 (len (index . 1)))) | trimSuffix "-") (index . 1) }}
+{{- end }}
+
 {{- define "trip.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -51,7 +66,7 @@ app.kubernetes.io/part-of: trip
 {{- end }}
 
 {{- define "trip.configMapName" -}}
-{{- printf "%s-config" (include "trip.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "trip.objectName" (list . "config") }}
 {{- end }}
 
 {{/* Labels of the RayJob object itself: the batch-scheduler queue, when one is used. */}}
@@ -329,6 +344,10 @@ Checks the schema cannot express (relations between values); each message names 
 {{- fail (printf "runConfig.metrics.port %d + workersPerPod %d exceeds 65535" $port $k) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- $driverPort := int ($v.runConfig.preprocess | default dict).metrics_port }}
+{{- if and $v.preprocess.enabled (has $driverPort (list 6379 8080 8265 10001)) }}
+{{- fail (printf "runConfig.preprocess.metrics_port %d collides with a Ray port on the head pod" $driverPort) }}
 {{- end }}
 {{- $storage := ($v.runConfig.run | default dict).storage_path | default "./runs" }}
 {{- if and $v.train.enabled (not (contains "://" $storage)) (not $v.extraVolumeMounts) }}

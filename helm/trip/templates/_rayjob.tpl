@@ -3,7 +3,8 @@ One RayJob (ray.io/v1): a Ray cluster (head + one worker group) created for the 
 the driver `python -m <module> --config /etc/trip/config.yaml` submitted to it, and the
 cluster deleted after it finishes. Used by the training and the preprocessing job.
 Arguments (dict): root, job (train|preprocess values), component, module, workerPorts,
-exporter (bool), autoscaler (bool).
+exporter (bool), autoscaler (bool), driverPort (int: the driver's exporter port on the
+head pod, 0 for none).
 */}}
 {{- define "trip.rayJob" -}}
 {{- $root := .root }}
@@ -12,7 +13,7 @@ exporter (bool), autoscaler (bool).
 apiVersion: ray.io/v1
 kind: RayJob
 metadata:
-  name: {{ printf "%s-%s" (include "trip.fullname" $root) .component | trunc 63 | trimSuffix "-" }}
+  name: {{ include "trip.rayJobName" (list $root .component) }}
   namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "trip.labels" $root | nindent 4 }}
@@ -47,6 +48,10 @@ spec:
       securityContext:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
     {{- end }}
+    {{- $headPorts := include "trip.headPorts" $root | fromYamlArray }}
+    {{- if gt (int .driverPort) 0 }}
+    {{- $headPorts = append $headPorts (dict "name" "trip-metrics" "containerPort" (int .driverPort) "protocol" "TCP") }}
+    {{- end }}
     headGroupSpec:
       rayStartParams:
         {{- $head := merge (dict) ($job.head.rayStartParams | default dict) (dict "dashboard-host" "0.0.0.0" "metrics-export-port" "8080") }}
@@ -54,7 +59,7 @@ spec:
         {{ $k }}: {{ $val | quote }}
         {{- end }}
       template:
-        {{- include "trip.rayPodTemplate" (dict "root" $root "group" $job.head "component" .component "node" "head" "ports" (include "trip.headPorts" $root | fromYamlArray) "gpus" 0 "exporter" false "automount" .autoscaler) | nindent 8 }}
+        {{- include "trip.rayPodTemplate" (dict "root" $root "group" $job.head "component" .component "node" "head" "ports" $headPorts "gpus" 0 "exporter" (gt (int .driverPort) 0) "automount" .autoscaler) | nindent 8 }}
     workerGroupSpecs:
       - groupName: {{ $job.workers.groupName }}
         replicas: {{ $job.workers.replicas }}

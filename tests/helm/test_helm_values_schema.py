@@ -1,0 +1,146 @@
+"""values.yaml and values.schema.json: every key documented, bad values refused with a
+message that names the key (the schema for shapes, the templates for relations)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+
+from tests.helm import manifest_checks as mc
+
+pytestmark = pytest.mark.helm
+
+VALUES_TEXT = (mc.CHART / "values.yaml").read_text()
+SCHEMA = json.loads((mc.CHART / "values.schema.json").read_text())
+
+
+def rejection(values: dict[str, Any]) -> str:
+    """The error message Helm gives for `values` (schema first, then the templates)."""
+    chart = mc.chart()
+    with pytest.raises((helm_python.HelmValuesError, helm_python.HelmRenderError)) as info:
+        chart.validate_schema(values)
+        chart.render(values, name="trip", namespace="ml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("values", "names"), [
+    ({"train": {"workers": {"replicas": -1}}}, "/train/workers/replicas"),
+    ({"preprocess": {"workers": {"minReplicas": -2}}}, "/preprocess/workers/minReplicas"),
+    ({"replicas": 3}, "'replicas' not allowed"),
+    ({"train": {"worker": {}}}, "'worker' not allowed"),
+    ({"runConfig": {"trainer": {}}}, "'trainer' not allowed"),
+    ({"monitoring": {"enable": True}}, "'enable' not allowed"),
+    ({"train": {"backoffLimit": "3"}}, "/train/backoffLimit"),
+    ({"train": {"enabled": "yes"}}, "/train/enabled"),
+    ({"train": {"workers": {"gpus": 1.5}}}, "/train/workers/gpus"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"queue": {"kind": "slurm"}}, "/queue/kind"),
+    ({"runConfig": {"metrics": {"port": 70000}}}, "/runConfig/metrics/port"),
+    ({"objectStorage": {"endpoint": "minio:9000"}}, "/objectStorage/endpoint"),
+    ({"train": {"head": {"resources": {"requests": {"cpu": "four"}, "limits": {}}}}}, "/train/head/resources/requests/cpu"),
+    ({"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}, "/extraEnv/0/name"),
+])
+def test_schema_rejects_bad_values_naming_the_key(values: dict[str, Any], names: str) -> None:
+    assert names in rejection(values)
+
+
+@pytest.mark.parametrize(("values", "names"), [
+    ({"train": {"workers": {"minReplicas": 5, "maxReplicas": 4}}}, "train.workers.minReplicas (5) must be <= train.workers.maxReplicas (4)"),
+    ({"preprocess": {"enabled": True, "workers": {"minReplicas": 3, "maxReplicas": 2}}}, "preprocess.workers.minReplicas"),
+    ({"train": {"workers": {"replicas": 2}}}, "train.workers.replicas (2) must lie within"),
+    ({"train": {"workers": {"replicas": 3, "minReplicas": 3, "maxReplicas": 3}}}, "runConfig.scaling.num_workers (4)"),
+    ({"runConfig": {"scaling": {"min_workers": 2, "max_workers": 4}}}, "must equal runConfig.scaling.min_workers (2)"),
+    ({"train": {"workers": {"gpus": 2}}}, "train.workers.gpus (2) must equal workersPerPod x runConfig.scaling.gpus_per_worker"),
+    ({"runConfig": {"scaling": {"use_gpu": False}}}, "runConfig.scaling.use_gpu is false"),
+    ({"runConfig": {"metrics": {"port": 8080}}}, "runConfig.metrics.port 8080..8080"),
+    ({"runConfig": {"run": {"storage_path": "./runs"}}}, "runConfig.run.storage_path \"./runs\" is a local path"),
+    ({"queue": {"kind": "kueue", "name": "q"}, "train": {"autoscaler": {"enabled": True}}}, "queue.kind=kueue"),
+    ({"queue": {"kind": "volcano"}}, "queue.name is required"),
+    ({"train": {"enabled": False}}, "nothing to deploy"),
+])
+def test_templates_reject_inconsistent_values_naming_the_keys(values: dict[str, Any], names: str) -> None:
+    assert names in rejection(values)
+
+
+def test_render_itself_applies_the_schema() -> None:
+    """`helm install` validates against values.schema.json; so does the SDK's render."""
+    with pytest.raises(helm_python.HelmValuesError, match="/train/workers/replicas"):
+        mc.chart().render({"train": {"workers": {"replicas": -1}}}, name="trip", namespace="ml")
+
+
+def test_defaults_and_every_ci_file_pass_the_schema() -> None:
+    mc.chart().validate_schema({})
+    for path in mc.CI_VALUES:
+        mc.chart().validate_schema(mc.load_yaml(path))
+
+
+def test_schema_is_draft07_and_closes_every_chart_owned_object() -> None:
+    assert SCHEMA["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and where != "/properties/runConfig/properties/scaling" \
+                    and where != "/properties/runConfig/properties/metrics":
+                assert node.get("additionalProperties") is False, f"schema {where or '/'} is open"
+            for key, child in node.items():
+                walk(child, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}/{i}")
+
+    walk(SCHEMA, "")
+
+
+def test_schema_run_config_sections_are_exactly_trip_config_sections() -> None:
+    from trip.config import Config
+
+    sections = set(SCHEMA["properties"]["runConfig"]["properties"])
+    assert sections == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_values_yaml_points_editors_to_the_schema() -> None:
+    assert VALUES_TEXT.splitlines()[0] == "# yaml-language-server: $schema=values.schema.json"
+
+
+def test_every_values_key_has_a_doc_comment() -> None:
+    """helm-docs style: a `# --` comment block right above every key. A comment also covers
+    the value below it (resources, securityContext, runConfig fields), and a plain section
+    such as `image:` needs none when each of its keys has one."""
+    keys = _values_keys(VALUES_TEXT.splitlines())
+    documented = {path for path, has_doc in keys if has_doc}
+    parents = {path[:-1] for path, _ in keys}
+    undocumented = [".".join(path) for path, _ in keys
+                    if path not in parents and not any(path[:n] in documented for n in range(1, len(path) + 1))]
+    assert not undocumented, f"keys without a '# --' comment: {undocumented}"
+    sections = {path[1] for path in documented if path[0] == "runConfig" and len(path) == 2}
+    assert sections >= {"model", "codec", "preprocess", "data", "train", "scaling", "run", "metrics"}
+
+
+def _values_keys(lines: list[str]) -> list[tuple[tuple[str, ...], bool]]:
+    """(dotted path, has a `# --` comment block right above) for every mapping key."""
+    out: list[tuple[tuple[str, ...], bool]] = []
+    stack: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)(?:- )?([A-Za-z_][\w./-]*):", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent = len(m.group(1)) + (2 if line.lstrip().startswith("- ") else 0)
+        stack = [(d, k) for d, k in stack if d < indent] + [(indent, m.group(2))]
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        out.append((tuple(k for _, k in stack), j >= 0 and lines[j].strip().startswith("# --")))
+    return out
+
+
+def test_values_yaml_holds_no_credentials() -> None:
+    values = yaml.safe_load(VALUES_TEXT)
+    flat = json.dumps(values).lower()
+    for word in ("password", "secret_access_key\":", "aws_access_key_id\":", "token"):
+        assert word not in flat, word
