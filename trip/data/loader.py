@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,7 +168,7 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, An
                         url, len(samples), job.shard_sizes[s])
         return _Shard(samples, error)
 
-    with ThreadPoolExecutor(max_workers=_LOOKAHEAD) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, _LOOKAHEAD)) as pool:
         for j in range(shard.shape[0]):
             row_shards = list(dict.fromkeys(shard[j].tolist()))
             upto = max(rank_of[s] for s in row_shards) + _LOOKAHEAD
@@ -181,54 +182,84 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, An
                     del loaded[s]
 
 
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # batches are collated in the worker already; skip DataLoader's default_convert
+
+
+def _layout(job: _Pass, bsz: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the float32 tensors packed, in order, into one batch buffer."""
+    parts = [("latents", (bsz, *job.latent_shape)), ("image_latents", (bsz, *job.latent_shape[1:]))]
+    if job.text_shape:
+        parts.append(("text_states", (bsz, *job.text_shape)))
+    return parts
+
+
+def _views(buffer: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        out[name] = buffer[offset:offset + n].view(shape)
+        offset += n
+    return out
+
+
 def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndarray,
              valid: np.ndarray) -> dict[str, Any]:
-    """One batch, decoded straight into (shared) float32 tensors; bad slots are zeroed."""
-    bsz = len(rows)
-    latents = _shared_empty((bsz, *job.latent_shape), torch.float32)
-    image = _shared_empty((bsz, *job.latent_shape[1:]), torch.float32)
-    text = _shared_empty((bsz, *job.text_shape), torch.float32) if job.text_shape else None
-    lat_np, text_np = latents.numpy(), (text.numpy() if text is not None else None)
-    ok = valid.copy()
+    """One batch decoded straight into a single float32 buffer (shared memory in a worker,
+    so crossing to the main process passes one file descriptor and copies nothing)."""
+    layout = _layout(job, len(rows))
+    buffer = _shared_empty((sum(math.prod(shape) for _, shape in layout),), torch.float32)
+    views = _views(buffer, layout)
+    latents, text = views["latents"], views.get("text_states")
+    ok = valid.tolist()
     keys, captions, corrupt = [], [], []
-    for i, (sh, s, o) in enumerate(rows):
-        name = job.names[s]
-        sample = sh.samples[o] if o < len(sh.samples) else None
-        key = sample["__key__"] if sample else f"#{o}"
-        try:
-            if sample is None:
-                raise ValueError(sh.error or "sample missing from shard")
-            captions.append(_fill(job, sample, i, lat_np, text_np))
-        except (KeyError, ValueError, UnicodeDecodeError) as e:
-            lat_np[i] = 0
-            if text_np is not None:
-                text_np[i] = 0
-            captions.append("")
-            ok[i] = False
-            if valid[i]:  # padding repeats a sample already reported
-                corrupt.append((name, key, str(e)))
-        keys.append(key)
-    image.numpy()[:] = lat_np[:, job.image_frame]
-    batch: dict[str, Any] = {"latents": latents, "image_latents": image}
-    if text is not None:
-        batch["text_states"] = text
-    batch.update(valid=torch.from_numpy(ok), captions=captions, keys=keys,
-                 _positions=positions[valid].tolist(), _corrupt=corrupt)
-    return batch
+    with warnings.catch_warnings():  # views of shard bytes are read-only; they are only read
+        warnings.simplefilter("ignore", UserWarning)
+        for i, (sh, s, o) in enumerate(rows):
+            sample = sh.samples[o] if o < len(sh.samples) else None
+            key = sample["__key__"] if sample else f"#{o}"
+            try:
+                if sample is None:
+                    raise ValueError(sh.error or "sample missing from shard")
+                captions.append(_fill(job, sample, latents[i], None if text is None else text[i]))
+            except (KeyError, ValueError, UnicodeDecodeError) as e:
+                latents[i].zero_()
+                if text is not None:
+                    text[i].zero_()
+                captions.append("")
+                ok[i] = False
+                if valid[i]:  # padding repeats a sample already reported
+                    corrupt.append((job.names[s], key, str(e)))
+            keys.append(key)
+    views["image_latents"].copy_(latents[:, job.image_frame])
+    return {"_buffer": buffer, "valid": ok, "captions": captions, "keys": keys,
+            "_positions": positions[valid].tolist(), "_corrupt": corrupt}
 
 
-def _fill(job: _Pass, sample: dict[str, Any], i: int, lat_np: np.ndarray,
-          text_np: np.ndarray | None) -> str:
-    """Decode one sample into slot i; returns its caption. Raises on anything malformed."""
+def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
+    """dst[...] = src with the float16 -> float32 cast done in the same copy.
+
+    In a worker (torch runs one thread there) torch's vectorised cast is ~4x numpy's; in
+    the main process torch would fan small copies out to intra-op threads that compete
+    with training, so numpy's single-threaded cast is used instead.
+    """
+    if get_worker_info() is not None:
+        dst.copy_(torch.from_numpy(src))
+    else:
+        dst.numpy()[...] = src
+
+
+def _fill(job: _Pass, sample: dict[str, Any], latents: torch.Tensor, text: torch.Tensor | None) -> str:
+    """Decode one sample into its slots; returns its caption. Raises on anything malformed."""
     lat = shardio.npy_view(sample["latents.npy"])
     if lat.shape != job.latent_shape:
         raise ValueError(f"latents shape {lat.shape}, index.json says {job.latent_shape}")
-    if text_np is not None:
+    if text is not None:
         txt = shardio.npy_view(sample["text.npy"])
         if txt.shape != job.text_shape:
             raise ValueError(f"text states shape {txt.shape}, index.json says {job.text_shape}")
-        text_np[i] = txt
-    lat_np[i] = lat  # float16 -> float32 in the same copy
+        _cast_into(text, txt)
+    _cast_into(latents, lat)
     if "txt" in sample:
         return bytes(sample["txt"]).decode("utf-8")
     meta = json.loads(bytes(sample["json"]))
@@ -382,13 +413,15 @@ class LatentLoader:
         workers = min(self.cfg.num_workers, job.split.num_batches)
         pin = self.cfg.pin_memory and torch.cuda.is_available() and (
             self.device is None or self.device.type == "cuda")
-        return DataLoader(_PassStream(job), batch_size=None, num_workers=workers, pin_memory=pin,
+        return DataLoader(_PassStream(job), batch_size=None, collate_fn=_identity, num_workers=workers,
+                          pin_memory=pin,
                           prefetch_factor=self.cfg.prefetch_factor if workers else None)
 
     def _run(self, job: _Pass, token: object) -> Iterator[dict[str, Any]]:
         split = job.split
         budget = self.cfg.max_corrupt_fraction * (split.stop(self.rank) - split.start(self.rank))
         bad_shards: Counter[str] = Counter()
+        layout = _layout(job, split.batch_size)
         self._exhausted = False
         it = iter(self._dataloader(job))
         try:
@@ -411,6 +444,7 @@ class LatentLoader:
                         f"{split.stop(self.rank) - split.start(self.rank)} samples dealt to it; "
                         f"shards: {dict(bad_shards)}")
                 self._consumed.add(batch.pop("_positions"))
+                batch = self._unpack(batch, layout)
                 self.delivered_samples += int(batch["valid"].sum())
                 self._exhausted = n == split.num_batches - 1
                 yield self._to_device(batch)
@@ -418,6 +452,13 @@ class LatentLoader:
             del it  # shuts the workers down, also when the consumer leaves early
         if self._token is token:
             self._advance_epoch()
+
+    @staticmethod
+    def _unpack(raw: dict[str, Any], layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+        batch: dict[str, Any] = _views(raw.pop("_buffer"), layout)
+        batch["valid"] = torch.tensor(raw.pop("valid"), dtype=torch.bool)
+        batch.update(raw)
+        return batch
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device is None or self.device.type == "cpu":

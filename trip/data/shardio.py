@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -168,7 +169,7 @@ def npy_view(data: memoryview) -> np.ndarray:
         if len(_HEADERS) < 64:
             _HEADERS[header] = parsed
     dtype, shape, fortran = parsed
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if end + count * dtype.itemsize > len(data):
         raise ValueError(f"truncated .npy data ({len(data) - end} of {count * dtype.itemsize} bytes)")
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=end)
