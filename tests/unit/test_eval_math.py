@@ -15,7 +15,12 @@ import scipy.linalg
 import torch
 
 from trip.eval.fconsistency import f_consistency
-from trip.eval.frechet import fit_gaussian, frechet_distance, frechet_distance_features
+from trip.eval.frechet import (
+    fit_gaussian,
+    frechet_distance,
+    frechet_distance_features,
+    trace_sqrt_product,
+)
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -50,6 +55,10 @@ def test_eval_frechet_identical_sets_are_zero_even_when_covariance_is_singular()
     # 10 samples in 64 dimensions: rank-9 covariance, where sqrtm-based code needs an eps retry.
     feats = rng.normal(size=(10, 64)) * 5 + 3
     assert frechet_distance_features(feats, feats.copy()) == pytest.approx(0.0, abs=1e-8)
+    # Unclipped too: tr((S S)^(1/2)) = tr(S), so round-off of the 54 zero eigenvalues must
+    # not leak in (their square roots would add ~1e-6 here).
+    cov = fit_gaussian(feats).cov
+    assert trace_sqrt_product(cov, cov) == pytest.approx(np.trace(cov), rel=1e-12)
     other = rng.normal(size=(10, 64)) * 5 + 3
     d = frechet_distance_features(feats, other)
     assert math.isfinite(d) and d > 1.0

@@ -44,18 +44,29 @@ def fit_gaussian(features: np.ndarray, what: str = "features") -> Gaussian:
                     int(feats.shape[0]))
 
 
-def _psd_sqrt(mat: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix [D, D] (negative round-off clipped)."""
-    vals, vecs = np.linalg.eigh((mat + mat.T) / 2.0)
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-
-
 def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
-    """tr((cov1 @ cov2)^(1/2)) for symmetric PSD [D, D] matrices, via the symmetric form."""
-    root1 = _psd_sqrt(np.asarray(cov1, dtype=np.float64))
-    inner = root1 @ np.asarray(cov2, dtype=np.float64) @ root1
-    vals = np.linalg.eigvalsh((inner + inner.T) / 2.0)
-    return float(np.sqrt(np.clip(vals, 0.0, None)).sum())
+    """tr((cov1 @ cov2)^(1/2)) for symmetric PSD [D, D] matrices, via the symmetric form.
+
+    With cov1 = V diag(l) V^T, R S2 R (R = cov1^(1/2)) is similar to
+    diag(sqrt l) V^T S2 V diag(sqrt l), so one eigh, two matmuls and one eigvalsh suffice.
+    """
+    cov1, cov2 = np.asarray(cov1, dtype=np.float64), np.asarray(cov2, dtype=np.float64)
+    vals, vecs = np.linalg.eigh((cov1 + cov1.T) / 2.0)
+    root = np.sqrt(_drop_roundoff(vals))
+    inner = (vecs.T @ cov2 @ vecs) * root[:, None] * root[None, :]
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(np.sqrt(_drop_roundoff(eig)).sum())
+
+
+def _drop_roundoff(eigenvalues: np.ndarray) -> np.ndarray:
+    """Zero the eigenvalues that are round-off (the usual matrix-rank tolerance).
+
+    A rank-deficient covariance (fewer samples than dimensions) has exact zeros that
+    eigh returns as +-1e-16-sized noise; their square roots (~1e-8 each, hundreds of
+    them) would otherwise bias the trace. Negative values are round-off too.
+    """
+    tol = max(float(np.abs(eigenvalues).max(initial=0.0)), 0.0) * eigenvalues.shape[0] * np.finfo(np.float64).eps
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
