@@ -449,7 +449,10 @@ class LatentLoader:
                 self._exhausted = n == split.num_batches - 1
                 yield self._to_device(batch)
         finally:
-            del it  # shuts the workers down, also when the consumer leaves early
+            # stop the workers now, also when the consumer leaves early or an error passes
+            # through (its traceback would otherwise keep them alive until collected)
+            getattr(it, "_shutdown_workers", lambda: None)()
+            del it
         if self._token is token:
             self._advance_epoch()
 
