@@ -1,0 +1,120 @@
+"""PyAV clip decoding: which frames, what size, rotation, and skips instead of crashes."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from data_tools.decode import SamplingSpec, SkipVideo, decode_clip, resized_size, to_tensor
+from data_tools.synth import write_video
+
+
+def _ramp_video(path: str, frames: int = 30, fps: int = 8, size: int = 32) -> str:
+    """Frame i is a flat grey of value 8 * i: the decoded value tells the frame index."""
+    video = np.stack([np.full((size, size, 3), 8 * i, np.uint8) for i in range(frames)])
+    return write_video(video, path, fps=fps)
+
+
+def _frame_indices(clip) -> list[int]:
+    return [round(float(f.mean()) / 8) for f in clip.frames]
+
+
+def test_fps_sampling_takes_every_other_frame_of_an_8fps_video(tmp_path) -> None:
+    path = _ramp_video(str(tmp_path / "ramp.mp4"))
+    clip = decode_clip(path, SamplingSpec(num_frames=4, fps=4.0, resolution=16))
+    assert clip.frames.shape == (4, 16, 16, 3) and clip.frames.dtype == np.uint8
+    assert _frame_indices(clip) == [0, 2, 4, 6]
+    assert clip.meta["frame_times"] == [0.0, 0.25, 0.5, 0.75]
+    assert clip.meta["src_fps"] == 8.0
+
+
+def test_stride_sampling_from_start_offset(tmp_path) -> None:
+    path = _ramp_video(str(tmp_path / "ramp.mp4"))
+    clip = decode_clip(path, SamplingSpec(num_frames=4, fps=None, frame_stride=3, start_offset=0.5,
+                                          resolution=16))
+    assert _frame_indices(clip) == [4, 7, 10, 13]
+
+
+def test_seek_for_a_late_start_offset(tmp_path) -> None:
+    path = _ramp_video(str(tmp_path / "ramp.mp4"))
+    clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, start_offset=2.0, resolution=16))
+    assert _frame_indices(clip) == [16, 17]
+
+
+def test_threads_do_not_change_frames(tmp_path) -> None:
+    path = _ramp_video(str(tmp_path / "ramp.mp4"))
+    one = decode_clip(path, SamplingSpec(num_frames=4, fps=4.0, resolution=16, threads=1))
+    two = decode_clip(path, SamplingSpec(num_frames=4, fps=4.0, resolution=16, threads=2))
+    np.testing.assert_array_equal(one.frames, two.frames)
+
+
+def test_short_side_resize_then_centre_crop(tmp_path) -> None:
+    # 96x64: left third red, middle green, right blue; resized to 48x32 and cropped to the
+    # middle 32 columns, so the crop's centre is green and its edges half red / half blue
+    video = np.zeros((8, 64, 96, 3), np.uint8)
+    video[:, :, :32] = (255, 0, 0)
+    video[:, :, 32:64] = (0, 255, 0)
+    video[:, :, 64:] = (0, 0, 255)
+    path = write_video(video, str(tmp_path / "wide.mp4"))
+    clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=32))
+    assert clip.frames.shape == (2, 32, 32, 3)
+    assert clip.meta["src_size"] == [96, 64]
+    f = clip.frames[0].astype(int)
+    assert f[16, 16].argmax() == 1
+    assert f[16, 2].argmax() == 0 and f[16, 29].argmax() == 2
+    assert resized_size(96, 64, 32) == (48, 32)
+    assert resized_size(64, 96, 32) == (32, 48)
+
+
+def test_rotation_metadata_is_applied(tmp_path) -> None:
+    path = str(tmp_path / "rot.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
+                                      rate=Fraction(8))
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(4):
+            image = np.zeros((32, 64, 3), np.uint8)
+            image[:8] = 255  # white strip along the top of the stored picture
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=32))
+    assert clip.meta["rotation"] == 90
+    f = clip.frames[0].mean(axis=2)
+    # displayed upright (rotated 90 degrees counter-clockwise, as ffmpeg's autorotate does)
+    # the top strip becomes the left edge of a 32 x 64 picture, centre-cropped to 32 x 32
+    assert f[:, :3].mean() > 200 and f[:, -4:].mean() < 30 and f[:3, 8:].mean() < 30
+
+
+def test_to_tensor_layout() -> None:
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    frames[..., 1] = 255
+    t = to_tensor(frames)
+    assert t.shape == (2, 3, 4, 4) and float(t[:, 1].min()) == 1.0 and float(t[:, 0].max()) == 0.0
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "text", "truncated", "short"])
+def test_bad_files_are_skips_with_reasons(tmp_path, case: str) -> None:
+    path = str(tmp_path / f"{case}.mp4")
+    expect = {"missing": ("fetch", "file not found"), "empty": ("fetch", "empty file"),
+              "text": ("decode", "not a decodable video"), "truncated": ("decode", ""),
+              "short": ("decode", "too short")}[case]
+    if case == "empty":
+        open(path, "wb").close()
+    elif case == "text":
+        with open(path, "w") as f:
+            f.write("<html><body>404 not found</body></html>\n" * 20)
+    elif case == "truncated":
+        _ramp_video(str(tmp_path / "whole.mp4"))
+        data = open(tmp_path / "whole.mp4", "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+    elif case == "short":
+        _ramp_video(path, frames=3)
+    with pytest.raises(SkipVideo) as info:
+        decode_clip(path, SamplingSpec(num_frames=4, fps=4.0, resolution=16))
+    assert info.value.stage == expect[0]
+    assert expect[1] in info.value.reason
+    assert path in info.value.reason
