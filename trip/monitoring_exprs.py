@@ -12,6 +12,7 @@ Prometheus scraping a real training run, and can wrap them into a rules file tha
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from typing import Any, Literal
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MONITORING_DIR = REPO_ROOT / "monitoring"
+# The image installs `trip` into site-packages and puts monitoring/ at /opt/trip (Dockerfile).
+MONITORING_DIR = Path(os.environ.get("TRIP_MONITORING_DIR", REPO_ROOT / "monitoring"))
 DASHBOARD_PATH = MONITORING_DIR / "grafana" / "trip-dashboard.json"
 RULES_PATH = MONITORING_DIR / "prometheus" / "trip-alerts.rules.yaml"
 

@@ -147,6 +147,8 @@ RAYJOB_SCHEMA: dict[str, Any] = {
                          "type": "object", "additionalProperties": False, "required": ["headGroupSpec"],
                          "properties": {
                              "rayVersion": {"type": "string"},
+                             "authOptions": {"type": "object", "additionalProperties": False, "properties": {
+                                 "mode": {"enum": ["disabled", "token"]}}},
                              "enableInTreeAutoscaling": {"type": "boolean"},
                              "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
                                  "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},

@@ -37,6 +37,8 @@ spec:
     {{- include "trip.submitterPodTemplate" (dict "root" $root "component" .component) | nindent 4 }}
   rayClusterSpec:
     rayVersion: {{ $root.Values.rayVersion | quote }}
+    authOptions:
+      mode: {{ $root.Values.rayAuth.mode }}
     enableInTreeAutoscaling: {{ .autoscaler }}
     {{- if .autoscaler }}
     autoscalerOptions:
