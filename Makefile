@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/trip-torch-extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup system-deps test test-unit demo lint bench clean
+.PHONY: help setup system-deps test test-unit demo lint bench clean manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ lint: setup ## ruff
 
 bench: setup system-deps ## run every benchmark and print a table of ratios
 	$(PY) -m bench.run_all
+
+manifests: setup ## regenerate k8s/ (kustomize) from the Helm chart after changing helm/trip
+	$(PY) k8s/generate.py
 
 clean: ## remove outputs (keeps .venv)
 	rm -rf outputs runs .pytest_cache

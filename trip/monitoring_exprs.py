@@ -40,6 +40,10 @@ DEFAULT_VARIABLES: dict[str, str] = {
 
 Source = Literal["trip", "ray", "dcgm"]
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+_METRIC = re.compile(r"\b(trip_[a-z0-9_]+|ray_[a-z0-9_]+|DCGM_[A-Z0-9_]+)\b")
+
+# Metrics a CPU training run cannot produce: a live check against one leaves them out.
+GPU_ONLY_METRICS = frozenset({"trip_gpu_memory_allocated_bytes", "trip_gpu_memory_reserved_bytes"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ def substitute(expr: str, variables: Mapping[str, str] | None = None) -> str:
         return values[name]
 
     return _VARIABLE.sub(repl, expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads (TRIP's, Ray's and DCGM's), e.g. for a live check
+    that each one exists in Prometheus."""
+    return set(_METRIC.findall(expr))
 
 
 def source_of(expr: str) -> Source:

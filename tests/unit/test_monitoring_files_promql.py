@@ -8,7 +8,6 @@ parses it exactly as Prometheus would.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,7 +32,6 @@ EXTERNAL_METRICS = {
     "ray_node_cpu_utilization", "ray_node_mem_used", "ray_node_gpus_utilization",
     "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
 }
-METRIC_NAME = re.compile(r"\b(trip_[a-z_]+|ray_[a-z_]+|DCGM_[A-Z_]+)\b")
 
 
 def promtool() -> str:
@@ -85,7 +83,7 @@ def test_substitute_names_an_unknown_variable() -> None:
 
 def test_every_expression_names_only_exported_metrics() -> None:
     for e in mx.all_expressions():
-        names = set(METRIC_NAME.findall(e.expr))
+        names = mx.metric_names(e.expr)
         assert names, f"{e.where}: no metric in {e.expr}"
         unknown = names - TRIP_METRICS - EXTERNAL_METRICS
         assert not unknown, f"{e.where} names metrics nobody exports: {sorted(unknown)}"
@@ -156,3 +154,21 @@ def test_alert_rules_cover_the_failure_modes_with_severity_and_summary() -> None
         assert rule["annotations"]["summary"], name
     assert "trip_train_last_step_timestamp_seconds" in alerts["TripTrainingNoProgress"]["expr"]
     assert "trip_train_loss != trip_train_loss" in alerts["TripTrainingLossNotFinite"]["expr"]
+
+
+def test_metric_names_lists_what_an_expression_reads() -> None:
+    expr = 'sum(rate(trip_train_samples_total{run=~"a"}[1m])) / on() max(ray_node_mem_used) + DCGM_FI_DEV_FB_USED'
+    assert mx.metric_names(expr) == {"trip_train_samples_total", "ray_node_mem_used", "DCGM_FI_DEV_FB_USED"}
+    assert mx.GPU_ONLY_METRICS <= TRIP_METRICS
+
+
+def test_dashboard_panels_do_not_overlap_on_the_grid() -> None:
+    dashboard = json.loads(mx.DASHBOARD_PATH.read_text())
+    cells: dict[tuple[int, int], str] = {}
+    for panel in mx._panels(dashboard["panels"]):
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
