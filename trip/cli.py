@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="F-Consistency, FVD and FID of generated videos")
     p.add_argument("--generated", required=True, help="directory of generated MP4/GIF clips")
-    p.add_argument("--reference", default=None, help="directory of reference clips (for FVD/FID)")
+    p.add_argument("--reference", default=None, help="directory of reference clips or a latent shard set (for FVD/FID)")
     p.add_argument("--clip", default=None, help="CLIP model directory (for F-Consistency)")
     p.add_argument("--i3d", default=None, help="I3D weights (TorchScript or state dict) for FVD")
     p.add_argument("--inception", default=None, help="Inception weights (TorchScript or state dict) for FID")
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=None,
                    help="frames per clip used by every metric (default: the shortest clip's length)")
     p.add_argument("--device", default="auto", help="torch device for the networks (auto: cuda if available)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many clips of each set")
+    p.add_argument("--codec", default=None,
+                   help="VAE directory decoding a latent shard set given as --generated/--reference "
+                        "(default: the one named in its index.json)")
     p.set_defaults(func=_dispatch("trip.eval.cli:main"))
     return parser
 

@@ -1,5 +1,8 @@
 """`trip eval`: F-Consistency, FVD and FID of a directory of generated clips, as a JSON report.
 
+Either set may also be a latent shard set (a prefix with index.json): its clips are
+decoded through the codec that wrote them (see trip/eval/shardset.py).
+
 Which metrics run depends on the weights given: F-Consistency needs a CLIP directory; FVD
 needs I3D weights and FID Inception weights, both with a reference directory. Every clip
 is decoded once (uint8, so a few hundred clips fit in memory) and shared by all metrics.
@@ -32,14 +35,19 @@ def _device(name: str | None) -> str:
     return name
 
 
-def load_clips(root: str, num_frames: int | None) -> dict[str, np.ndarray]:
-    """{file name: uint8 frames [T, H, W, 3]} for every clip under `root`."""
-    clips = {}
-    for path in list_clips(root):
-        frames = read_clip(path, max_frames=num_frames)
+def load_clips(root: str, num_frames: int | None, limit: int | None = None,
+               codec_path: str | None = None) -> dict[str, np.ndarray]:
+    """{clip name: uint8 frames [T, H, W, 3]} from a clip directory or a latent shard set."""
+    from trip.eval.shardset import is_shard_set, load_shard_clips
+
+    if is_shard_set(root):
+        clips = load_shard_clips(root, limit=limit, codec_path=codec_path, num_frames=num_frames)
+    else:
+        clips = {os.path.basename(p): read_clip(p, max_frames=num_frames) for p in list_clips(root)[:limit]}
+    for name, frames in clips.items():
         if num_frames is not None and frames.shape[0] < num_frames:
-            raise ValueError(f"video {path} has {frames.shape[0]} frames, fewer than --num-frames {num_frames}")
-        clips[os.path.basename(path)] = frames
+            raise ValueError(f"video {storage.join(root, name)} has {frames.shape[0]} frames, "
+                             f"fewer than --num-frames {num_frames}")
     return clips
 
 
@@ -62,13 +70,14 @@ def _f_consistency(encoder: Any, clips: dict[str, np.ndarray]) -> tuple[dict[str
 
 def evaluate(generated: str, reference: str | None = None, *, clip: str | None = None,
              i3d: str | None = None, inception: str | None = None, num_frames: int | None = None,
-             device: str | None = None, log=print) -> dict[str, Any]:
+             limit: int | None = None, codec_path: str | None = None, device: str | None = None,
+             log=print) -> dict[str, Any]:
     """Compute every metric the given weights allow; returns the report as a dict."""
     _check_args(generated, reference, clip, i3d, inception)
     device = _device(device)
     t0 = time.perf_counter()
-    gen = load_clips(generated, num_frames)
-    ref = load_clips(reference, num_frames) if reference else {}
+    gen = load_clips(generated, num_frames, limit, codec_path)
+    ref = load_clips(reference, num_frames, limit, codec_path) if reference else {}
     frames = num_frames or min(c.shape[0] for c in [*gen.values(), *ref.values()])
     if frames < 2:
         raise ValueError(f"clips need at least 2 frames for any metric, got {frames}")
@@ -119,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = evaluate(args.generated, args.reference, clip=args.clip, i3d=args.i3d,
                           inception=args.inception, num_frames=getattr(args, "num_frames", None),
+                          limit=getattr(args, "limit", None), codec_path=getattr(args, "codec", None),
                           device=getattr(args, "device", None))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,50 @@
+"""A latent shard set as an evaluation input: shards -> latents -> codec -> frames.
+
+The reference clips of a training run usually exist only as latent shards (the shard
+contract in data_tools/shards.py). Decoding them through the codec that wrote them
+(named in index.json; a VAE path can be overridden) gives the frames the model was
+trained to reproduce, so FVD/FID can compare against exactly the training distribution
+without keeping the source videos. Shards are read with the loader's own safe reader
+(`.npy` only, no pickle) and decoded one clip at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_tools.shards import INDEX_NAME, read_index
+from trip import storage
+
+
+def is_shard_set(root: str) -> bool:
+    """True when `root` holds a dataset index.json (a shard set, not a clip directory)."""
+    return storage.exists(storage.join(root, INDEX_NAME))
+
+
+def load_shard_clips(prefix: str, limit: int | None = None, codec_path: str | None = None,
+                     num_frames: int | None = None) -> dict[str, np.ndarray]:
+    """{sample key: uint8 frames [T, H, W, 3]} for the first `limit` samples of a shard set."""
+    from data_tools.check import build_codec_from_index
+    from trip.data.shardio import npy_view, read_samples
+
+    index = read_index(prefix)
+    codec = build_codec_from_index(index, codec_path)
+    clips: dict[str, np.ndarray] = {}
+    for entry in index["shards"]:
+        url = storage.join(prefix, entry["name"])
+        samples, error = read_samples(storage.read_bytes(url), url)
+        if error:
+            raise ValueError(f"shard {url} is corrupt: {error}")
+        for sample in samples:
+            if limit is not None and len(clips) >= limit:
+                return clips
+            key = sample["__key__"]
+            if "latents.npy" not in sample:
+                raise ValueError(f"shard {url}: sample {key} has no latents.npy")
+            latents = npy_view(sample["latents.npy"])[:num_frames]
+            frames = codec.decode(torch.from_numpy(latents.astype(np.float32)))  # [T, 3, H, W] in [0, 1]
+            clips[key] = (frames * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if not clips:
+        raise ValueError(f"shard set {prefix} has no samples")
+    return clips
