@@ -58,6 +58,8 @@ def test_schema_rejects_bad_values_naming_the_key(values: dict[str, Any], names:
     ({"runConfig": {"scaling": {"min_workers": 2, "max_workers": 4}}}, "must equal runConfig.scaling.min_workers (2)"),
     ({"train": {"workers": {"gpus": 2}}}, "train.workers.gpus (2) must equal workersPerPod x runConfig.scaling.gpus_per_worker"),
     ({"runConfig": {"scaling": {"use_gpu": False}}}, "runConfig.scaling.use_gpu is false"),
+    ({"train": {"workers": {"resources": {"limits": {"cpu": "4000m"}}}}}, "train.workers.resources.limits.cpu (4000m) is below"),
+    ({"runConfig": {"scaling": {"cpus_per_worker": 12}}}, "train.workers.resources.limits.cpu (8) is below"),
     ({"runConfig": {"metrics": {"port": 8080}}}, "runConfig.metrics.port 8080..8080"),
     ({"runConfig": {"run": {"storage_path": "./runs"}}}, "runConfig.run.storage_path \"./runs\" is a local path"),
     ({"queue": {"kind": "kueue", "name": "q"}, "train": {"autoscaler": {"enabled": True}}}, "queue.kind=kueue"),

@@ -325,6 +325,12 @@ Checks the schema cannot express (relations between values); each message names 
 {{- fail (printf "fixed-size run: train.workers.replicas, minReplicas and maxReplicas (%v, %v, %v) x workersPerPod (%d) must all equal runConfig.scaling.num_workers (%d); for an elastic run set runConfig.scaling.min_workers/max_workers" $w.replicas $w.minReplicas $w.maxReplicas $k $num) }}
 {{- end }}
 {{- end }}
+{{- $cpuLimit := toString (index ($w.resources.limits | default dict) "cpu" | default "0") }}
+{{- $cpus := ternary (divf (float64 (trimSuffix "m" $cpuLimit)) 1000.0) (float64 $cpuLimit) (hasSuffix "m" $cpuLimit) }}
+{{- $needCpus := mulf (float64 $k) (float64 (default 1 $s.cpus_per_worker)) }}
+{{- if lt $cpus $needCpus }}
+{{- fail (printf "train.workers.resources.limits.cpu (%s) is below workersPerPod x runConfig.scaling.cpus_per_worker (%v): Ray could never place the training workers" $cpuLimit $needCpus) }}
+{{- end }}
 {{- if $s.use_gpu }}
 {{- $want := mulf (float64 $k) (float64 (default 1 $s.gpus_per_worker)) }}
 {{- if ne (float64 $w.gpus) $want }}
