@@ -19,7 +19,7 @@ metadata:
     {{- include "trip.labels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ .component }}
     {{- with include "trip.queueLabels" $root }}
-    {{- . | nindent 4 }}
+    {{- . | trim | nindent 4 }}
     {{- end }}
   annotations:
     # A changed run config gives a changed RayJob, so `helm upgrade` resubmits it.
