@@ -78,11 +78,14 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
         # one thread and fixed settings: the same frames always give the same bytes
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "fast"}
+            stream.options = {"crf": "10", "preset": "fast", "threads": "1",
+                              "x264-params": "threads=1:lookahead-threads=1"}
         else:
             stream.bit_rate = 4_000_000
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)  # explicit: rate control reads them
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     os.replace(tmp, path)
     return path
