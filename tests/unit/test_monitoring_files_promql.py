@@ -26,7 +26,7 @@ TRIP_METRICS = {
     "trip_checkpoint_save_seconds_count", "trip_train_world_size", "trip_train_restarts_total",
     "trip_train_step", "trip_train_last_step_timestamp_seconds", "trip_gpu_memory_allocated_bytes",
     "trip_gpu_memory_reserved_bytes", "trip_preprocess_videos_total", "trip_preprocess_bytes_total",
-    "trip_preprocess_encode_seconds_bucket",
+    "trip_preprocess_encode_seconds_bucket", "trip_preprocess_shards_total",
 }
 EXTERNAL_METRICS = {
     "ray_node_cpu_utilization", "ray_node_mem_used", "ray_node_gpus_utilization",
