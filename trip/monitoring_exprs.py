@@ -124,6 +124,16 @@ def all_expressions(variables: Mapping[str, str] | None = None) -> list[Expressi
     return dashboard_expressions(variables) + rule_expressions()
 
 
+def training_run_expressions(variables: Mapping[str, str] | None = None) -> list[Expression]:
+    """Expressions that a CPU training run's exporters alone can answer: TRIP's own metrics,
+    without preprocessing and GPU-only ones (what a live test against a 2-worker CPU run
+    can check for existing metrics)."""
+    return [e for e in all_expressions(variables)
+            if e.source == "trip"
+            and not any(m.startswith("trip_preprocess_") or m in GPU_ONLY_METRICS
+                        for m in metric_names(e.expr))]
+
+
 def as_rules_file(expressions: list[Expression]) -> dict[str, Any]:
     """Wrap expressions as recording rules so `promtool check rules` parses each one.
 

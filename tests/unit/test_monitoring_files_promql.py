@@ -172,3 +172,12 @@ def test_dashboard_panels_do_not_overlap_on_the_grid() -> None:
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
                 cells[(x, y)] = panel["title"]
+
+
+def test_training_run_expressions_leave_out_preprocessing_gpu_ray_and_dcgm() -> None:
+    exprs = mx.training_run_expressions()
+    names = set().union(*(mx.metric_names(e.expr) for e in exprs))
+    assert {"trip_train_samples_total", "trip_train_loss", "trip_data_wait_seconds_total"} <= names
+    assert not {n for n in names if n.startswith(("trip_preprocess_", "ray_", "DCGM_"))}
+    assert not names & mx.GPU_ONLY_METRICS
+    assert any(e.where.startswith("rule ") for e in exprs)
