@@ -75,12 +75,15 @@ class ClipImageEncoder:
         local = storage.local_copy(model_dir)
         if not os.path.exists(os.path.join(local, "config.json")):
             raise FileNotFoundError(f"CLIP model directory {model_dir} has no config.json")
-        level = hf_logging.get_verbosity()
+        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # a full CLIPModel dir lists its text tower as "unexpected"
+        hf_logging.disable_progress_bar()
         try:
             self.model = CLIPVisionModelWithProjection.from_pretrained(local, local_files_only=True)
         finally:
             hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model = self.model.eval().to(device)
         self.preprocess = ClipPreprocess.from_dir(local, int(self.model.config.image_size))
         self.device, self.batch_size, self.source = device, batch_size, model_dir
