@@ -4,6 +4,7 @@ like the chart's, and the generated files are exactly what the chart renders tod
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -130,11 +131,9 @@ def test_kustomize_ships_the_same_dashboard_and_rules_as_monitoring() -> None:
 
 def test_kustomize_objects_equal_the_charts_apart_from_helm_labels_and_namespace() -> None:
     """Every object of the gpu-fixed overlay is the chart's, rendered with k8s/chart-values.yaml."""
-    sys.path.insert(0, str(K8S))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(K8S))
+    spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
     values = yaml.safe_load((K8S / "chart-values.yaml").read_text())
     chart = {(d["kind"], d["metadata"]["name"]): d for d in mc.render_docs(values, name="trip", namespace="trip")}
     built = build(K8S / "overlays" / "gpu-fixed")

@@ -22,7 +22,8 @@ metadata:
     {{- . | trim | nindent 4 }}
     {{- end }}
   annotations:
-    # A changed run config gives a changed RayJob, so `helm upgrade` resubmits it.
+    # Which run config the job was submitted with (KubeRay does not resubmit a started job on
+    # change: delete it, or install under a new run name, to run a new config).
     trip.io/config-checksum: {{ toYaml $root.Values.runConfig | sha256sum | trunc 16 | quote }}
 spec:
   entrypoint: {{ join " " $args | quote }}
