@@ -147,3 +147,13 @@ def test_kustomize_objects_equal_the_charts_apart_from_helm_labels_and_namespace
         for d in (doc, expected):
             d["metadata"].pop("namespace", None)
         assert doc == expected, key
+
+
+def test_elastic_overlay_config_differs_from_the_base_only_in_scaling_and_failures() -> None:
+    base = yaml.safe_load((K8S / "base" / "config.yaml").read_text())
+    elastic = yaml.safe_load((K8S / "overlays" / "gpu-elastic" / "config.yaml").read_text())
+    assert elastic["scaling"]["min_workers"] < elastic["scaling"]["max_workers"]
+    for cfg in (base, elastic):
+        cfg.pop("scaling")
+        cfg["run"].pop("max_failures")
+    assert elastic == base
