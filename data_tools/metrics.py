@@ -6,6 +6,8 @@ Bounded label sets only: `status` is one of ok | skipped | error, never a video 
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Histogram, start_http_server
 
 STATUSES = ("ok", "skipped", "error")
@@ -22,9 +24,9 @@ for _status in STATUSES:  # expose every series from the start, at 0
     VIDEOS.labels(status=_status)
 
 
-def start_exporter(port: int, addr: str = "0.0.0.0") -> bool:
-    """Serve /metrics on `port` (0 disables). Returns whether an exporter was started."""
+def start_exporter(port: int, addr: str = "0.0.0.0") -> WSGIServer | None:
+    """Serve /metrics on `port` in a daemon thread (0 disables); returns the server or None."""
     if not port:
-        return False
-    start_http_server(port, addr=addr)
-    return True
+        return None
+    server, _ = start_http_server(port, addr=addr)
+    return server

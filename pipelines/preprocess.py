@@ -280,12 +280,16 @@ def cli(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics.start_exporter(cfg.preprocess.metrics_port)
+    exporter = metrics.start_exporter(cfg.preprocess.metrics_port)
     try:
         result = run_preprocess(cfg.preprocess, cfg.codec)
     except (CSVFormatError, FileNotFoundError, JobMismatchError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
     idx = result.index
     print(f"preprocess: {idx['num_samples']} samples in {len(idx['shards'])} shards at "
           f"{cfg.preprocess.output} ({result.shards_skipped} of {result.shards} shards were already "
