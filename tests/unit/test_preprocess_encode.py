@@ -66,3 +66,18 @@ def test_missing_model_files_are_named(tmp_path) -> None:
         codec_identity(CodecConfig(kind="vae", path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         text_encoder_identity(str(tmp_path), 77)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_half_precision_on_gpu_matches_cpu(model_dir: str) -> None:
+    clips = _clips()
+    cpu = ClipEncoder(CodecConfig(kind="vae", path=model_dir), text_encoder=model_dir,
+                      max_text_length=8, device="cpu")
+    gpu = ClipEncoder(CodecConfig(kind="vae", path=model_dir, dtype="float16"), text_encoder=model_dir,
+                      max_text_length=8, device="cuda")
+    assert next(gpu.text.model.parameters()).dtype == torch.float16
+    np.testing.assert_allclose(gpu.encode_frames(clips).astype(np.float32),
+                               cpu.encode_frames(clips).astype(np.float32), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(gpu.encode_text(["a red circle"]).astype(np.float32),
+                               cpu.encode_text(["a red circle"]).astype(np.float32), atol=2e-2, rtol=2e-2)
