@@ -35,7 +35,7 @@ system-deps: ## install Debian's prometheus (+promtool) and ffmpeg when missing
 test: setup system-deps ## run the whole test suite (unit, integration, helm)
 	$(PY) -m pytest tests
 
-test-unit: setup ## fast tests only (no Ray, S3 server or Prometheus)
+test-unit: setup system-deps ## fast tests only (no Ray, S3 server or Prometheus server)
 	$(PY) -m pytest tests/unit
 
 demo: setup ## run the main job end to end on embedded defaults (S3=1: against a local S3 server)
