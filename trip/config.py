@@ -39,13 +39,13 @@ class UNetConfig:
     so a pretrained ModelScope-T2V `unet/config.json` maps onto it one to one."""
 
     block_out_channels: tuple[int, ...] = (32, 64)  # width of each resolution level
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "DownBlock3D")
-    up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D")
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "DownBlock3D")  # diffusers block names
+    up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D")  # mirror of down_block_types
     layers_per_block: int = 1  # resnets per down block (up blocks have one more)
     norm_num_groups: int = 8  # GroupNorm groups; must divide every block width
     cross_attention_dim: int = 64  # text hidden-state width
-    attention_head_dim: int = 8  # per-head width (diffusers: 64 for ModelScope)
-    norm_eps: float = 1e-5
+    attention_head_dim: int = 8  # diffusers' name: heads per block (transformer_in: head width); ModelScope: 64
+    norm_eps: float = 1e-5  # GroupNorm epsilon
 
     def __post_init__(self) -> None:
         if len(self.down_block_types) != len(self.block_out_channels):
@@ -116,17 +116,17 @@ class ModelConfig:
 class DiffusionConfig:
     """Noise schedule (a diffusers DDPM/DDIM scheduler is built from these)."""
 
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    num_train_timesteps: int = 1000  # T of the forward process
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # SD / ModelScope use scaled_linear
+    beta_start: float = 0.00085  # beta_1
+    beta_end: float = 0.012  # beta_T
 
 
 @dataclass(kw_only=True)
 class CodecConfig:
     """Frames <-> latents. `lossless` is parameter-free pixel-unshuffle (CPU demos/tests)."""
 
-    kind: Literal["lossless", "vae"] = "lossless"
+    kind: Literal["lossless", "vae"] = "lossless"  # vae: diffusers AutoencoderKL
     path: str | None = None  # vae: diffusers-format model dir (holding vae/) or the vae dir itself
     downscale: int = 2  # lossless: pixel-unshuffle factor (channels = 3 * downscale^2)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # vae compute dtype
@@ -171,7 +171,7 @@ class PreprocessConfig:
 
     csv: str = ""  # WebVid-format CSV (local or fsspec URL)
     video_root: str | None = None  # if set, videos are video_root/path_template; else contentUrl
-    path_template: str = "{page_dir}/{videoid}.mp4"
+    path_template: str = "{page_dir}/{videoid}.mp4"  # CSV columns in braces
     output: str = ""  # dataset prefix for shards + index.json
     num_frames: int = 8  # frames per clip (paper: 16)
     fps: float | None = 4.0  # sample at this frame rate (paper: 4) ...
@@ -179,12 +179,12 @@ class PreprocessConfig:
     start_offset: float = 0.0  # seconds skipped at the start of each video
     resolution: int = 16  # short side resize, then centre crop to resolution^2 (paper: 256)
     min_duration: float | None = None  # drop rows shorter than this (seconds, CSV duration)
-    max_duration: float | None = None
+    max_duration: float | None = None  # drop rows longer than this (seconds)
     limit: int | None = None  # use at most this many rows (after filtering)
-    samples_per_shard: int = 64
+    samples_per_shard: int = 64  # close a shard after this many samples
     max_shard_bytes: int | None = None  # also close a shard past this many bytes
     text_encoder: str | None = None  # diffusers dir with text_encoder/ + tokenizer/; null: none
-    max_text_length: int = 77
+    max_text_length: int = 77  # tokenizer max length (text states are [L, D])
     encode_batch_size: int = 16  # frames per codec call
     encode_actors: int = 1  # encoder actor pool size
     decode_threads: int = 1  # PyAV decoding threads per task
@@ -204,11 +204,11 @@ class PreprocessConfig:
 class ZeroConfig:
     """DeepSpeed ZeRO settings (stage 3 by default)."""
 
-    stage: int = 3
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
-    prefetch_bucket_size: int = 50_000_000
+    stage: int = 3  # ZeRO stage (3 partitions params, grads, optimizer state)
+    overlap_comm: bool = True  # overlap reduce/gather with compute
+    contiguous_gradients: bool = True  # copy gradients into one buffer (less fragmentation)
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
+    prefetch_bucket_size: int = 50_000_000  # elements of params prefetched ahead (ZeRO-3)
     param_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned
 
     def __post_init__(self) -> None:
@@ -220,22 +220,22 @@ class ZeroConfig:
 class TrainConfig:
     """Optimisation and the per-worker loop."""
 
-    max_steps: int = 300
+    max_steps: int = 300  # optimizer steps of the whole run
     global_batch_size: int = 8  # samples per optimizer step across all ranks (kept on resize)
     lr_unet: float = 2e-6  # paper: 2e-6
     lr_fusion: float = 2e-4  # paper: 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 10  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
     ema_decay: float = 0.999  # 0 disables EMA
     text_dropout: float = 0.1  # drop text states with this probability (for CFG)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 recommended on GPU
-    seed: int = 0
+    seed: int = 0  # model init, noise and timestep sampling (per rank: seed + rank)
     log_every: int = 10  # rank 0 prints progress every n steps
     checkpoint_every: int = 100  # report (a barrier) + checkpoint every n steps
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # keep the last K checkpoints in storage
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def __post_init__(self) -> None:
@@ -250,12 +250,12 @@ class TrainConfig:
 class ScalingConfig:
     """Ray Train workers: fixed (`num_workers`) or elastic (`min_workers`..`max_workers`)."""
 
-    num_workers: int = 2
+    num_workers: int = 2  # fixed worker count (ignored when min/max are set)
     min_workers: int | None = None  # set both min and max for an elastic run
-    max_workers: int | None = None
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    max_workers: int | None = None  # elastic upper bound
+    use_gpu: bool = False  # one or more GPUs per worker
+    gpus_per_worker: float = 1.0  # GPUs reserved per worker (with use_gpu)
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker
 
     def __post_init__(self) -> None:
         if (self.min_workers is None) != (self.max_workers is None):
@@ -300,7 +300,7 @@ class SampleConfig:
     steps: int = 50  # DDIM steps (paper: 50)
     guidance_scale: float = 1.0  # classifier-free guidance on text; 1 disables
     eta: float = 0.0  # DDIM eta
-    seed: int = 0
+    seed: int = 0  # initial noise seed (same seed, same video)
     fps: int = 4  # of the written MP4/GIF
 
 
