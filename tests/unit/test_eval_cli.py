@@ -21,6 +21,17 @@ from torch import nn
 from trip.cli import main as trip_main
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions on a shared 2-core machine: OpenMP threads spinning against other
+    processes made one Inception forward 50x slower than a single thread. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 class TinyI3D(nn.Module):
     """[B, 3, T, 224, 224] -> [B, 6]: pool, one 3D conv, global average."""
 

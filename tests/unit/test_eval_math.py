@@ -64,6 +64,26 @@ def test_eval_frechet_identical_sets_are_zero_even_when_covariance_is_singular()
     assert math.isfinite(d) and d > 1.0
 
 
+def test_eval_frechet_from_features_small_sets_match_the_covariance_form() -> None:
+    # N < D takes the N1 x N2 singular-value path; it must equal the D x D computations.
+    rng = np.random.default_rng(4)
+    mix = rng.normal(size=(64, 64)) / 8
+    f1, f2 = rng.normal(size=(20, 64)) @ mix, rng.normal(size=(30, 64)) @ mix + 0.3
+    g1, g2 = fit_gaussian(f1), fit_gaussian(f2)
+    expected = frechet_distance(g1.mean, g1.cov, g2.mean, g2.cov)
+    assert frechet_distance_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+    covmean = scipy.linalg.sqrtm(g1.cov @ g2.cov).real
+    scipy_value = ((g1.mean - g2.mean) ** 2).sum() + np.trace(g1.cov) + np.trace(g2.cov) - 2 * np.trace(covmean)
+    assert frechet_distance_features(f1, f2) == pytest.approx(scipy_value, rel=1e-6)
+    # N > D takes the covariance path.
+    big1, big2 = rng.normal(size=(100, 8)), rng.normal(size=(90, 8)) * 2
+    h1, h2 = fit_gaussian(big1), fit_gaussian(big2)
+    assert frechet_distance_features(big1, big2) == pytest.approx(
+        frechet_distance(h1.mean, h1.cov, h2.mean, h2.cov), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance_features(f1[:1], f2)
+
+
 def test_eval_frechet_equal_covariances_leave_mean_term() -> None:
     rng = np.random.default_rng(3)
     s = _random_spd(rng, 8)

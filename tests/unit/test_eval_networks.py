@@ -19,6 +19,17 @@ from trip.eval.frechet import frechet_distance_features
 from trip.eval.i3d import InceptionI3d
 from trip.eval.inception import FIDInceptionV3
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions on a shared 2-core machine: OpenMP threads spinning against other
+    processes made one Inception forward 50x slower than a single thread. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                image_size=32, patch_size=8, projection_dim=16)
 

@@ -12,6 +12,12 @@ feature dimensions). We use the symmetric form instead: with R = S1^(1/2),
 tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)), and R S2 R is symmetric positive semi-definite,
 so its trace-sqrt is the sum of the square roots of its (clipped) eigenvalues. Two
 `eigh` calls, no complex numbers, no eps retry, exact for singular covariances.
+
+With fewer samples than dimensions (a quick FID over 100 frames of 2048-d features)
+the D x D matrices are not needed at all: with centred, scaled features A [N1, D] and
+B [N2, D] (S1 = A^T A, S2 = B^T B), the nonzero eigenvalues of S1 S2 are those of
+(A B^T)(A B^T)^T, so tr((S1 S2)^(1/2)) is the sum of the singular values of the small
+N1 x N2 matrix A B^T. `frechet_distance_features` takes that path when it is cheaper.
 Everything runs in float64: the result is a small difference of large traces.
 """
 
@@ -31,8 +37,8 @@ class Gaussian:
     count: int
 
 
-def fit_gaussian(features: np.ndarray, what: str = "features") -> Gaussian:
-    """Mean and unbiased covariance of `features` [N, D] (N >= 2)."""
+def _checked(features: np.ndarray, what: str) -> np.ndarray:
+    """`features` as float64 [N >= 2, D], or a ValueError saying what is wrong."""
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2:
         raise ValueError(f"{what} must be [N, D], got shape {feats.shape}")
@@ -40,6 +46,12 @@ def fit_gaussian(features: np.ndarray, what: str = "features") -> Gaussian:
         raise ValueError(f"{what}: a covariance needs at least 2 samples, got {feats.shape[0]}")
     if not np.isfinite(feats).all():
         raise ValueError(f"{what} contain NaN or Inf values")
+    return feats
+
+
+def fit_gaussian(features: np.ndarray, what: str = "features") -> Gaussian:
+    """Mean and unbiased covariance of `features` [N, D] (N >= 2)."""
+    feats = _checked(features, what)
     return Gaussian(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], -1),
                     int(feats.shape[0]))
 
@@ -87,7 +99,20 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return max(float(value), 0.0)
 
 
+def _centred(features: np.ndarray, what: str) -> np.ndarray:
+    """(X - mean) / sqrt(N - 1), so that A^T A is the unbiased covariance; [N, D] float64."""
+    feats = _checked(features, what)
+    return (feats - feats.mean(axis=0)) / np.sqrt(feats.shape[0] - 1)
+
+
 def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     """Frechet distance between the Gaussians fitted to two feature sets [N1, D] and [N2, D]."""
-    g1, g2 = fit_gaussian(feats1, "first feature set"), fit_gaussian(feats2, "second feature set")
+    f1, f2 = np.asarray(feats1, dtype=np.float64), np.asarray(feats2, dtype=np.float64)
+    if f1.ndim == 2 and f2.ndim == 2 and f1.shape[1] == f2.shape[1] and max(len(f1), len(f2)) <= f1.shape[1]:
+        a, b = _centred(f1, "first feature set"), _centred(f2, "second feature set")
+        diff = f1.mean(axis=0) - f2.mean(axis=0)
+        trace_sqrt = float(np.linalg.svd(a @ b.T, compute_uv=False).sum())
+        value = diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * trace_sqrt
+        return max(float(value), 0.0)
+    g1, g2 = fit_gaussian(f1, "first feature set"), fit_gaussian(f2, "second feature set")
     return frechet_distance(g1.mean, g1.cov, g2.mean, g2.cov)
