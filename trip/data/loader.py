@@ -58,6 +58,7 @@ text and `data.text`; valid bool [B]; captions list[str]; keys list[str].
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -126,16 +127,35 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
 
 
-class _PassStream(IterableDataset):
-    """Yields this worker's ready-made batches of one pass (DataLoader batch_size=None)."""
+def _fresh_epoch(job: _Pass, epochs_later: int, seed: int, shuffle_buffer: int) -> _Pass:
+    """The job of a whole epoch `epochs_later` epochs after `job`'s (nothing delivered yet)."""
+    n = sum(job.shard_sizes)
+    return dataclasses.replace(job, epoch=job.epoch + epochs_later, seed=seed, shuffle_buffer=shuffle_buffer,
+                               remaining=[[0, n]] if n else [],
+                               split=dataclasses.replace(job.split, remaining=n))
 
-    def __init__(self, job: _Pass) -> None:
-        self.job = job
+
+class _PassStream(IterableDataset):
+    """Yields this worker's ready-made batches of one pass (DataLoader batch_size=None).
+
+    Workers persist across passes: the k-th time a worker iterates this dataset it runs
+    the epoch k epochs after the first job's, from its start. The main process reuses the
+    workers only when that is exactly the pass it wants (see LatentLoader._open_pass).
+    """
+
+    def __init__(self, job: _Pass, seed: int, shuffle_buffer: int) -> None:
+        self.job, self.seed, self.shuffle_buffer = job, seed, shuffle_buffer
+        self.passes = 0
+
+    def pass_job(self, k: int) -> _Pass:
+        return self.job if k == 0 else _fresh_epoch(self.job, k, self.seed, self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        return _produce(self.job, worker, num_workers)
+        job = self.pass_job(self.passes)
+        self.passes += 1
+        return _produce(job, worker, num_workers)
 
 
 def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
@@ -152,14 +172,14 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, An
     needed = list(dict.fromkeys(shard.ravel().tolist()))  # in order of first use
     rank_of = {s: i for i, s in enumerate(needed)}
     last_use = {int(s): j for j, row in enumerate(shard) for s in row}
-    fs, _ = shardio.open_filesystem(job.urls[0])
+    fetcher = shardio.ShardFetcher(job.urls[0], retries=job.retries)
     loaded: dict[int, Future[_Shard]] = {}
     submitted = 0
 
     def load(s: int) -> _Shard:
         url = job.urls[s]
         try:
-            buf = shardio.fetch(fs, fs._strip_protocol(url), url, retries=job.retries)
+            buf = fetcher.fetch(url)
         except FileNotFoundError:
             return _Shard([], f"{url}: shard listed in index.json is missing")
         samples, error = shardio.read_samples(buf, url)
@@ -313,6 +333,7 @@ class LatentLoader:
         self.delivered_samples = 0  # valid samples handed to the training step (all passes)
         self._exhausted = False
         self._token: object | None = None
+        self._workers: dict[str, Any] | None = None  # live DataLoader, see _open_pass
         self._restore(state)
 
     # ------------------------------------------------------------------ state
@@ -409,13 +430,34 @@ class LatentLoader:
         token = self._token = object()  # a newer pass makes this one stop
         return self._run(job, token)
 
-    def _dataloader(self, job: _Pass) -> DataLoader:
+    def _open_pass(self, job: _Pass) -> Iterator[dict[str, Any]]:
+        """An iterator over `job`'s batches: the live workers when their next pass is exactly
+        `job` (the previous pass ran to its end and this one starts the following epoch),
+        else fresh workers (first pass, resumed or interrupted epoch, other worker count)."""
         workers = min(self.cfg.num_workers, job.split.num_batches)
+        live = self._workers
+        if live is not None and live["complete"] and live["num_workers"] == workers:
+            stream: _PassStream = live["stream"]
+            if stream.pass_job(live["passes"]) == job:
+                live.update(passes=live["passes"] + 1, complete=False)
+                return iter(live["dataloader"])
+        self.close()
         pin = self.cfg.pin_memory and torch.cuda.is_available() and (
             self.device is None or self.device.type == "cuda")
-        return DataLoader(_PassStream(job), batch_size=None, collate_fn=_identity, num_workers=workers,
-                          pin_memory=pin,
-                          prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        stream = _PassStream(job, self.cfg.seed, self.cfg.shuffle_buffer)
+        dataloader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+                                pin_memory=pin, persistent_workers=workers > 0,
+                                prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        it = iter(dataloader)
+        self._workers = {"dataloader": dataloader, "iterator": it, "stream": stream, "passes": 1,
+                         "num_workers": workers, "complete": False}
+        return it
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they also stop when the loader is collected)."""
+        if self._workers is not None:
+            getattr(self._workers["iterator"], "_shutdown_workers", lambda: None)()
+            self._workers = None
 
     def _run(self, job: _Pass, token: object) -> Iterator[dict[str, Any]]:
         split = job.split
@@ -423,16 +465,17 @@ class LatentLoader:
         bad_shards: Counter[str] = Counter()
         layout = _layout(job, split.batch_size)
         self._exhausted = False
-        it = iter(self._dataloader(job))
+        it = self._open_pass(job)
+        done = False
         try:
             for n in range(split.num_batches):
+                if self._token is not token:  # a newer pass took over
+                    return
                 t0 = time.perf_counter()
                 batch = next(it, None)
                 self.wait_seconds += time.perf_counter() - t0
                 if batch is None:
                     raise RuntimeError(f"loader pass ended after {n} of {split.num_batches} batches")
-                if self._token is not token:
-                    return
                 for shard, key, why in batch.pop("_corrupt"):
                     log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, why)
                     bad_shards[shard] += 1
@@ -448,11 +491,14 @@ class LatentLoader:
                 self.delivered_samples += int(batch["valid"].sum())
                 self._exhausted = n == split.num_batches - 1
                 yield self._to_device(batch)
+            done = True
         finally:
-            # stop the workers now, also when the consumer leaves early or an error passes
-            # through (its traceback would otherwise keep them alive until collected)
-            getattr(it, "_shutdown_workers", lambda: None)()
             del it
+            if self._token is token:
+                if done and self._workers is not None:
+                    self._workers["complete"] = True  # the workers may serve the next epoch
+                else:  # left early or failed: the workers are mid-pass, stop them now
+                    self.close()
         if self._token is token:
             self._advance_epoch()
 

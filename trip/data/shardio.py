@@ -2,7 +2,7 @@
 
 Why not `tarfile` + `np.load`: both copy every member, and per-sample copies are what
 made plain webdataset CPU-bound on these samples. Here a shard is fetched with a single
-GET (`cat_file`), tar headers are parsed in place, members are handed on as
+GET (`ShardFetcher`), tar headers are parsed in place, members are handed on as
 `memoryview`s of that one buffer, and `.npy` members become `np.frombuffer` views after
 their header is parsed by numpy's own header reader (which never unpickles: object
 dtypes are refused, the equivalent of `np.load(..., allow_pickle=False)`). The grouping
@@ -13,10 +13,13 @@ Only `.npy`, `.json` and `.txt` members are ever decoded, and only by the loader
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,25 +47,71 @@ def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fs._strip_protocol(url)
 
 
-def fetch(fs: fsspec.AbstractFileSystem, path: str, url: str, *, retries: int,
-          base_delay: float = 0.2) -> bytes:
-    """The whole object in one read; transient errors are retried with exponential backoff.
+class ShardFetcher:
+    """Whole-object reads of shards, made inside the process that uses them.
 
-    FileNotFoundError and PermissionError are not transient and propagate at once.
+    S3 objects are read with a presigned GET (signed locally by s3fs/botocore from the
+    environment's credentials) straight into one preallocated buffer: on these machines
+    that took half the CPU of s3fs' own read path and ran 2-4x faster against the moto
+    server. Presigned URLs carry a signature, so they are never logged or put in errors.
+    Any other filesystem, or S3 where signing fails (anonymous access), uses `cat_file`.
     """
-    for attempt in range(retries + 1):
+
+    def __init__(self, url: str, *, retries: int, base_delay: float = 0.2, timeout: float = 60.0) -> None:
+        self.fs, _ = open_filesystem(url)
+        self.retries, self.base_delay, self.timeout = retries, base_delay, timeout
+        self.presign = url.startswith(("s3://", "s3a://"))
+
+    def fetch(self, url: str) -> bytes | bytearray:
+        """The whole object; transient errors are retried with exponential backoff.
+
+        FileNotFoundError and PermissionError are not transient and propagate at once.
+        """
+        for attempt in range(self.retries + 1):
+            try:
+                return self._read(url)
+            except (FileNotFoundError, PermissionError):
+                raise
+            except (OSError, http.client.HTTPException) as e:  # resets, timeouts, 5xx
+                if attempt == self.retries:
+                    raise OSError(f"reading shard {url} failed after {self.retries + 1} attempts: "
+                                  f"{type(e).__name__}: {e}") from None
+                delay = self.base_delay * 2**attempt
+                log.warning("reading shard %s failed (%s: %s); retry %d/%d in %.1fs", url,
+                            type(e).__name__, e, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _read(self, url: str) -> bytes | bytearray:
+        path = self.fs._strip_protocol(url)
+        if self.presign:
+            try:
+                signed = self.fs.url(path, expires=3600)
+            except Exception as e:  # no credentials to sign with: s3fs reads it instead
+                log.info("cannot presign S3 reads (%s); using s3fs reads", type(e).__name__)
+                self.presign = False
+            else:
+                return self._http_get(signed, url)
+        return self.fs.cat_file(path)
+
+    def _http_get(self, signed: str, url: str) -> bytearray:
         try:
-            return fs.cat_file(path)
-        except (FileNotFoundError, PermissionError):
-            raise
-        except OSError as e:  # s3fs/aiohttp connection and timeout errors are OSErrors
-            if attempt == retries:
-                raise OSError(f"reading shard {url} failed after {retries + 1} attempts: {e}") from e
-            delay = base_delay * 2**attempt
-            log.warning("reading shard %s failed (%s); retry %d/%d in %.1fs", url, e, attempt + 1,
-                        retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            with urllib.request.urlopen(signed, timeout=self.timeout) as resp:
+                size = int(resp.headers["Content-Length"])
+                buf = bytearray(size)
+                view, got = memoryview(buf), 0
+                while got < size:
+                    n = resp.readinto(view[got:])
+                    if not n:
+                        raise http.client.IncompleteRead(bytes(0), size - got)
+                    got += n
+                return buf
+        except urllib.error.HTTPError as e:  # the status only: e.url holds the signature
+            if e.code == 404:
+                raise FileNotFoundError(f"{url} does not exist") from None
+            if e.code in (401, 403):
+                raise PermissionError(f"{url}: access denied (HTTP {e.code})") from None
+            raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
 
 
 def _octal(field: bytes) -> int:
@@ -76,7 +125,7 @@ def _octal(field: bytes) -> int:
         raise CorruptShardError(f"bad tar numeric field {field!r}") from None
 
 
-def tar_members(buf: bytes, url: str) -> Iterator[dict[str, Any]]:
+def tar_members(buf: bytes | bytearray, url: str) -> Iterator[dict[str, Any]]:
     """Regular-file members of a tar held in `buf`, as webdataset file samples.
 
     Yields {"fname": str, "data": memoryview, "__url__": url}. Raises CorruptShardError
@@ -123,7 +172,7 @@ def tar_members(buf: bytes, url: str) -> Iterator[dict[str, Any]]:
         raise CorruptShardError(f"{url}: truncated tar header at byte {offset}")
 
 
-def read_samples(buf: bytes, url: str) -> tuple[list[dict[str, Any]], str | None]:
+def read_samples(buf: bytes | bytearray, url: str) -> tuple[list[dict[str, Any]], str | None]:
     """Samples of a shard in tar order, and the error that cut the walk short (or None)."""
     problems: list[str] = []
 
