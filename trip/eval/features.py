@@ -44,7 +44,7 @@ def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as zf:
-        return any("/code/" in name for name in zf.namelist())
+        return any("/code/" in "/" + name for name in zf.namelist())
 
 
 @dataclass
