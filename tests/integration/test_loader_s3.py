@@ -95,3 +95,12 @@ def test_s3_corrupt_shard_skipped_then_rate_error(s3_dataset: str) -> None:
     assert sorted(flat) == sorted(k for k in ALL if not k.startswith("s0003"))
     with pytest.raises(CorruptDataError, match=r"shard-000003\.tar"):
         _pass(_cfg(s3_dataset, max_corrupt_fraction=0.01), 2)
+
+
+def test_s3_missing_shard_is_counted_not_fatal_under_the_rate(s3_dataset: str) -> None:
+    fs, path = storage.filesystem(storage.join(s3_dataset, "shard-000001.tar"))
+    fs.rm(path)
+    fs.invalidate_cache()
+    keys, _, _, loaders = _pass(_cfg(s3_dataset, max_corrupt_fraction=0.5, num_workers=1), 1)
+    assert loaders[0].corrupt_samples == 7
+    assert sorted(keys[0]) == sorted(k for k in ALL if not k.startswith("s0001"))

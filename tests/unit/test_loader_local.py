@@ -194,3 +194,26 @@ def test_missing_dataset_and_impossible_batches_fail_clearly(dataset: str, tmp_p
         LatentLoader(_cfg(dataset, uneven="drop", micro_batch_size=32), 0, 2)
     with pytest.raises(ValueError, match="image_frame"):
         LatentLoader(_cfg(dataset, image_frame=9), 0, 1)
+
+
+def test_shards_without_text_give_batches_without_text_states(tmp_path: Path) -> None:
+    write_synthetic_dataset(str(tmp_path / "notext"), [5, 6], text_shape=None)
+    loader = LatentLoader(_cfg(str(tmp_path / "notext"), image_frame=2), 0, 1)
+    batches = list(loader)
+    assert batches and all("text_states" not in b for b in batches)
+    assert all(torch.equal(b["image_latents"], b["latents"][:, 2]) for b in batches)
+    assert sum(int(b["valid"].sum()) for b in batches) == 11
+
+
+def test_a_finished_epoch_resumes_into_the_next_one(dataset: str) -> None:
+    cfg = _cfg(dataset, num_workers=1)
+    loaders = [LatentLoader(cfg, r, 2) for r in range(2)]
+    for lo in loaders:  # deliver every batch but stop before the loop notices the end
+        for n, _ in enumerate(lo):
+            if n == lo.batches_per_epoch - 1:
+                break
+    merged = LatentLoader.merge_states([lo.state_dict() for lo in loaders])
+    assert merged["epoch"] == 0 and merged["exhausted"] is True
+    resumed = LatentLoader(cfg, 0, 1, state=merged)
+    assert len(resumed) == resumed.batches_per_epoch and resumed.epoch == 1
+    assert sorted(k for b in resumed for k, v in zip(b["keys"], b["valid"]) if v) == sorted(ALL)
