@@ -146,7 +146,7 @@ class DataConfig:
     dataset: str = ""  # dataset prefix holding index.json (local path or fsspec URL)
     micro_batch_size: int = 4  # samples per rank per forward
     num_workers: int = 2  # DataLoader worker processes per rank
-    shuffle_buffer: int = 64  # samples held for in-shard shuffling
+    shuffle_buffer: int = 64  # samples shuffled together: whole shards grouped up to at least this many
     seed: int = 0  # shard order and buffer shuffle seed
     uneven: Literal["drop", "pad"] = "drop"  # equal batches per rank: drop the tail or pad it
     image_frame: int = 0  # frame used as the conditioning image
