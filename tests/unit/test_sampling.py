@@ -56,3 +56,28 @@ def test_prepare_image_centre_crops_and_resizes():
     img[:, :, 10:30] = 1.0  # the centre square is white
     out = prepare_image(img, 8)
     assert out.shape == (3, 8, 8) and out.min() > 0.99
+
+
+def test_trip_sample_cli_writes_an_mp4_and_a_gif_per_image(tmp_path, tiny_model_config):
+    from PIL import Image
+
+    from trip.cli import main as trip_main
+
+    model, codec = _model_and_codec(tiny_model_config)
+    model.save_pretrained(str(tmp_path / "model"), extra={"codec": {"kind": "lossless", "downscale": 2},
+                                                          "sample": {"steps": 3, "fps": 4}})
+    Image.new("RGB", (24, 20), (200, 30, 30)).save(tmp_path / "first.png")
+    assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "first.png"),
+                      "--out", str(tmp_path / "out"), "--seed", "1"]) == 0
+    assert read_frames(str(tmp_path / "out" / "first.mp4")).shape == (4, 3, 16, 16)
+    assert read_frames(str(tmp_path / "out" / "first.gif")).shape[0] == 4
+
+
+def test_trip_sample_cli_names_a_missing_image(tmp_path, tiny_model_config, capsys):
+    from trip.cli import main as trip_main
+
+    model, _ = _model_and_codec(tiny_model_config)
+    model.save_pretrained(str(tmp_path / "model"), extra={"codec": {"kind": "lossless", "downscale": 2}})
+    assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "missing.png"),
+                      "--steps", "2"]) == 2
+    assert "image not found:" in capsys.readouterr().err
