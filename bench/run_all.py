@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and print one table of ratios.
 
-Each benchmark module exposes `main(argv) -> list[dict]`. A benchmark that cannot run
+Each benchmark module exposes `main() -> list[dict]` (default arguments). A benchmark that cannot run
 here (e.g. the GPU one on a CPU machine) returns no rows and says why.
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
             print(f"skipped: {e}")
             continue
         try:
-            rows += module.main([]) or []
+            rows += module.main() or []
         except Exception:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             failed.append(name)
