@@ -39,17 +39,21 @@ Passes and epochs: `for batch in loader` yields this rank's remaining batches of
 current epoch and stops; the epoch then advances and iterating again runs the next one.
 Leaving the loop early keeps the position, so iterating again continues the same epoch.
 
-Faults: shards are fetched whole with retries and backoff (`data.retries`); a corrupt
-or truncated sample, or a shard that is missing or unreadable, is logged with shard and
-key, counted (`corrupt_samples`, for `trip_data_corrupt_samples_total`) and delivered
-as an all-zero slot with `valid=False`. When a rank's corrupt count in a pass exceeds
-`max_corrupt_fraction` of the samples dealt to it, `CorruptDataError` names the shards.
-The count is per rank: a whole bad shard weighs on the one rank that reads it.
+Faults: shards are fetched whole with retries and backoff (`data.retries`); a shard
+still unreachable after them stops the pass with an OSError naming it. A corrupt or
+truncated sample, or a shard that is missing or not a valid tar, is logged with shard
+and key, counted (`corrupt_samples`, for `trip_data_corrupt_samples_total`) and
+delivered as an all-zero slot with `valid=False`. When a rank's corrupt count in a pass
+exceeds `max_corrupt_fraction` of the samples dealt to it, `CorruptDataError` names the
+shards. The count is per rank: a whole bad shard weighs on the one rank that reads it.
 
-Speed: decoding is zero-copy (`shardio`), batches are collated in the workers straight
-into shared memory as float32, and only ready batches cross the process boundary;
-each worker fetches the next shards on a background thread while it collates.
-`wait_seconds` is the time the training step spent blocked on the loader.
+Speed: shards are read whole in one GET (on S3 a presigned GET into one buffer, see
+`shardio.ShardFetcher`), decoding is zero-copy, batches are collated in the workers
+straight into one shared-memory float32 buffer, so only ready batches cross the
+process boundary, and each worker fetches its next shards on background threads while
+it collates. A worker holds at most one shuffle group's shards plus two read ahead.
+Workers persist from one epoch to the next when a pass ran to its end (`close()` stops
+them). `wait_seconds` is the time the training step spent blocked on the loader.
 
 Batch (B = micro_batch_size): latents float32 [B, F, C, h, w]; image_latents float32
 [B, C, h, w] (frame `image_frame`); text_states float32 [B, L, D] when the shards have
@@ -63,6 +67,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections import Counter
@@ -158,6 +163,19 @@ class _PassStream(IterableDataset):
         return _produce(job, worker, num_workers)
 
 
+_FETCHERS: dict[tuple[str, str, int, int], shardio.ShardFetcher] = {}
+
+
+def _fetcher(url: str, retries: int) -> shardio.ShardFetcher:
+    """One fetcher per process and protocol, kept across passes (its S3 client costs a few
+    hundred ms to build); keyed by pid so a forked worker never uses its parent's."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    key = (protocol, str(storage.storage_options(url)), retries, os.getpid())
+    if key not in _FETCHERS:
+        _FETCHERS[key] = shardio.ShardFetcher(url, retries=retries)
+    return _FETCHERS[key]
+
+
 def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
     batches = job.split.worker_batches(worker, num_workers)
     if not batches:
@@ -172,7 +190,7 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, An
     needed = list(dict.fromkeys(shard.ravel().tolist()))  # in order of first use
     rank_of = {s: i for i, s in enumerate(needed)}
     last_use = {int(s): j for j, row in enumerate(shard) for s in row}
-    fetcher = shardio.ShardFetcher(job.urls[0], retries=job.retries)
+    fetcher = _fetcher(job.urls[0], job.retries)
     loaded: dict[int, Future[_Shard]] = {}
     submitted = 0
 
