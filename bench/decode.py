@@ -44,7 +44,7 @@ def make_videos(folder: str, n: int) -> list[str]:
         frames = np.empty((square.shape[0], HEIGHT, WIDTH, 3), np.uint8)
         frames[:] = BACKGROUND
         frames[:, :, pad:pad + HEIGHT] = square
-        paths.append(write_video(frames, os.path.join(folder, f"{i}.mp4"), fps=FPS))
+        paths.append(write_video(frames, os.path.join(folder, f"{i}.mp4"), fps=FPS, codec="libx264"))
     return paths
 
 

@@ -8,7 +8,7 @@ gives the same CSV and the same mp4 bytes, so nothing binary needs to live in gi
 
 Layout written under `out/`:
     results.csv                       WebVid columns + shape, color, direction
-    videos/<page_dir>/<videoid>.mp4   H.264 (or MPEG-4 Part 2 where libx264 is missing)
+    videos/<page_dir>/<videoid>.mp4   MPEG-4 Part 2 (deterministic bytes)
     holdout/<i>.png + holdout/captions.csv   first frames of extra, unseen videos
 """
 
@@ -66,22 +66,24 @@ def draw_motion(motion: ShapeMotion, size: int, num_frames: int) -> np.ndarray:
     return frames
 
 
-def write_video(frames: np.ndarray, path: str, fps: int = 8) -> str:
-    """uint8 [T, H, W, 3] -> mp4 at `path` (even H and W); written under a temporary name."""
+def write_video(frames: np.ndarray, path: str, fps: int = 8, codec: str = "mpeg4") -> str:
+    """uint8 [T, H, W, 3] -> mp4 at `path` (even H and W); written under a temporary name.
+
+    `codec` "mpeg4" (default) gives reproducible bytes; "libx264" gives WebVid-like H.264.
+    """
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(tmp, mode="w", format="mp4") as container:
+        # FFmpeg's own MPEG-4 Part 2 encoder, one thread: the same frames always give the same
+        # bytes (libx264 was seen to differ in rare runs even with one thread)
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        # one thread and fixed settings: the same frames always give the same bytes
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "fast", "threads": "1",
-                              "x264-params": "threads=1:lookahead-threads=1"}
+            stream.options = {"crf": "18", "preset": "fast"}
         else:
-            stream.bit_rate = 4_000_000
+            stream.bit_rate = 4_000_000  # far above need at these sizes: near-lossless shapes
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)  # explicit: rate control reads them
