@@ -104,3 +104,14 @@ def test_s3_missing_shard_is_counted_not_fatal_under_the_rate(s3_dataset: str) -
     keys, _, _, loaders = _pass(_cfg(s3_dataset, max_corrupt_fraction=0.5, num_workers=1), 1)
     assert loaders[0].corrupt_samples == 7
     assert sorted(keys[0]) == sorted(k for k in ALL if not k.startswith("s0001"))
+
+
+def test_s3_fetch_of_a_missing_object_is_file_not_found(s3_dataset: str) -> None:
+    from trip.data.shardio import ShardFetcher
+
+    fetcher = ShardFetcher(s3_dataset + "/x", retries=2)
+    data = fetcher.fetch(storage.join(s3_dataset, "shard-000000.tar"))
+    assert len(data) == int(storage.filesystem(storage.join(s3_dataset, "shard-000000.tar"))[0]
+                            .info(storage.join(s3_dataset, "shard-000000.tar"))["size"])
+    with pytest.raises(FileNotFoundError, match="shard-999999.tar does not exist"):
+        fetcher.fetch(storage.join(s3_dataset, "shard-999999.tar"))

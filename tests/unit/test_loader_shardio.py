@@ -61,3 +61,25 @@ def test_truncated_tar_yields_what_is_intact_then_reports() -> None:
     garbage = bytes(range(256)) * 8
     with pytest.raises(CorruptShardError, match="checksum"):
         list(tar_members(garbage, "junk.tar"))
+
+
+def test_s3_fetch_retries_then_names_the_shard_and_never_the_signed_url(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from trip.data.shardio import ShardFetcher
+
+    with socket.socket() as s:  # a port nobody listens on: every GET is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-logged")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fetcher = ShardFetcher("s3://bucket/ds/shard-000000.tar", retries=2, base_delay=0.01)
+    with pytest.raises(OSError, match=r"s3://bucket/ds/shard-000000\.tar failed after 3 attempts") as err:
+        fetcher.fetch("s3://bucket/ds/shard-000000.tar")
+    assert fetcher.presign  # the signed path was taken, not a fallback
+    logged = caplog.text + str(err.value)
+    assert "retry 2/2" in caplog.text
+    assert "Signature" not in logged and "secret-never-logged" not in logged
