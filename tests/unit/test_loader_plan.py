@@ -88,3 +88,59 @@ def test_arithmetic_resume_across_world_sizes_is_exactly_once() -> None:
     everything = first + second + third
     assert sorted(everything) == list(range(n))
     assert len(state) == n
+
+
+def _delivery_rank(j: int, num_batches: int, workers: int) -> int:
+    """The place of rank-local batch j in the round-robin order a DataLoader delivers it in
+    (worker w holds a contiguous run of batches; workers answer in turn)."""
+    base, extra = divmod(num_batches, workers)
+    sizes = [base + (1 if w < extra else 0) for w in range(workers)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    w = int(np.searchsorted(starts, j, side="right") - 1)
+    k = j - int(starts[w])  # j is the k-th batch of worker w
+    return sum(min(k, s) for s in sizes) + sum(1 for v in range(w) if sizes[v] > k)
+
+
+def _hop(order: EpochOrder, state: Intervals, world: int, batch: int, workers: int, pad: bool,
+         stop: int | None, seen: list[int]) -> Split:
+    """Every rank delivers its first `stop` batches (all if None) in DataLoader order."""
+    remaining = state.complement(order.num_samples)
+    split = Split(remaining=len(remaining), world_size=world, batch_size=batch, pad=pad)
+    stop = split.num_batches if stop is None else stop
+    for rank in range(world):
+        for w in range(workers):
+            r = split.worker_batches(w, workers)
+            idx, valid = split.batch_indices(rank, r)
+            for j in r:
+                if _delivery_rank(j, split.num_batches, workers) < stop:
+                    sl = slice((j - r.start) * batch, (j - r.start + 1) * batch)
+                    pos = remaining.at(idx[sl][valid[sl]]).tolist()
+                    seen += pos
+                    state.add(pos)
+    return split
+
+
+def test_delivery_rank_matches_round_robin() -> None:
+    order = sorted(range(7), key=lambda j: _delivery_rank(j, 7, 3))  # workers hold [0-2], [3-4], [5-6]
+    assert order == [0, 3, 5, 1, 4, 6, 2]
+
+
+def test_randomised_chains_of_resumes_are_exactly_once() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        sizes = rng.integers(1, 30, size=rng.integers(1, 9)).tolist()
+        pad = bool(rng.integers(2))
+        order = EpochOrder(sizes, seed=int(rng.integers(100)), epoch=0, shuffle_buffer=int(rng.integers(1, 40)))
+        state, seen = Intervals(), []
+        for _hop_no in range(4):  # up to four interruptions, each resumed at a random size
+            split = Split(remaining=len(state.complement(order.num_samples)), world_size=int(rng.integers(1, 5)),
+                          batch_size=int(rng.integers(1, 6)), pad=pad)
+            if split.num_batches == 0:
+                break
+            _hop(order, state, split.world_size, split.batch_size, int(rng.integers(1, 4)), pad,
+                 int(rng.integers(0, split.num_batches + 1)), seen)
+        world, batch = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        last = _hop(order, state, world, batch, int(rng.integers(1, 4)), pad, None, seen)
+        assert len(seen) == len(set(seen)), "a sample was delivered twice"
+        missing = order.num_samples - len(seen)
+        assert missing == 0 if pad else 0 <= missing < world * batch, (sizes, pad, missing, last)
