@@ -7,7 +7,7 @@ case raises `SkipVideo` carrying a stage and a human-readable reason, which the 
 writes to its errors manifest.
 
 Sampling: F frames either at a target frame rate (frame k is the first source frame at
-or after `start_offset + k / fps`) or every `frame_stride`-th source frame from the
+or after `start_offset + k / fps`, within half a source frame; a slow source repeats frames) or every `frame_stride`-th source frame from the
 first frame at or after `start_offset`. Frames are resized by swscale (area filter) so
 the short side equals `resolution`, rotated upright by the stream's display matrix, and
 centre-cropped to `resolution x resolution`.
@@ -124,15 +124,15 @@ def _select(frames: Iterator[av.VideoFrame], spec: SamplingSpec,
             continue
         since_start += 1
         if spec.fps is not None:
-            hit = t >= spec.start_offset + taken / spec.fps - tol
-        else:
-            assert spec.frame_stride is not None
-            hit = since_start % spec.frame_stride == 0
-        if hit:
+            # a source slower than the target rate repeats frames, like ffmpeg's fps filter
+            while taken < spec.num_frames and t >= spec.start_offset + taken / spec.fps - tol:
+                yield frame, t
+                taken += 1
+        elif since_start % spec.frame_stride == 0:  # type: ignore[operator]
             yield frame, t
             taken += 1
-            if taken == spec.num_frames:
-                return
+        if taken == spec.num_frames:
+            return
 
 
 def _to_array(frame: av.VideoFrame, spec: SamplingSpec) -> np.ndarray:

@@ -118,3 +118,34 @@ def test_bad_files_are_skips_with_reasons(tmp_path, case: str) -> None:
     assert info.value.stage == expect[0]
     assert expect[1] in info.value.reason
     assert path in info.value.reason
+
+
+def test_slow_source_repeats_frames(tmp_path) -> None:
+    path = _ramp_video(str(tmp_path / "slow.mp4"), frames=6, fps=2)
+    clip = decode_clip(path, SamplingSpec(num_frames=6, fps=4.0, resolution=16))
+    assert _frame_indices(clip) == [0, 0, 1, 1, 2, 2]
+
+
+def test_http_urls_are_fetched_and_404_is_a_skip(tmp_path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    _ramp_video(str(tmp_path / "ramp.mp4"))
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        clip = decode_clip(f"{base}/ramp.mp4", SamplingSpec(num_frames=4, fps=4.0, resolution=16))
+        assert _frame_indices(clip) == [0, 2, 4, 6]
+        with pytest.raises(SkipVideo, match="file not found") as info:
+            decode_clip(f"{base}/gone.mp4", SamplingSpec(num_frames=4, fps=4.0, resolution=16))
+        assert info.value.stage == "fetch"
+    finally:
+        server.shutdown()
+        server.server_close()
