@@ -217,3 +217,9 @@ def test_a_finished_epoch_resumes_into_the_next_one(dataset: str) -> None:
     resumed = LatentLoader(cfg, 0, 1, state=merged)
     assert len(resumed) == resumed.batches_per_epoch and resumed.epoch == 1
     assert sorted(k for b in resumed for k, v in zip(b["keys"], b["valid"]) if v) == sorted(ALL)
+
+
+def test_file_urls_work_like_plain_paths(dataset: str) -> None:
+    keys = [k for b in LatentLoader(_cfg(f"file://{dataset}", num_workers=1), 0, 1)
+            for k, v in zip(b["keys"], b["valid"]) if v]
+    assert sorted(keys) == sorted(ALL)
