@@ -18,7 +18,7 @@ def _synth(args: argparse.Namespace) -> int:
     from data_tools.synth import make_dataset
 
     csv_path = make_dataset(args.out, num=args.num, seed=args.seed, size=args.size,
-                            seconds=args.seconds, fps=args.fps, holdout=args.holdout)
+                            seconds=args.seconds, fps=args.fps, holdout=args.holdout, motion=args.motion)
     print(f"synth: {args.num} videos + {args.holdout} hold-out first frames; CSV {csv_path}, "
           f"videos under {args.out}/videos (use preprocess.video_root={args.out}/videos)")
     return 0
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=4.0, help="clip length")
     p.add_argument("--fps", type=int, default=8, help="frame rate")
     p.add_argument("--holdout", type=int, default=4, help="extra first-frame images for sampling")
+    p.add_argument("--motion", choices=["random", "by_color"], default="random",
+                   help="by_color: each colour always moves the same way (learnable from the first frame)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("inspect", help="print a shard's samples; decode one to a GIF")

@@ -98,10 +98,20 @@ def iso_duration(seconds: float) -> str:
     return f"PT{s // 3600:02d}H{s % 3600 // 60:02d}M{s % 60:02d}S"
 
 
-def _motions(num: int, seed: int) -> list[ShapeMotion]:
-    """Balanced over every (shape, colour, direction) combination, then shuffled by seed."""
+# With motion="by_color" each colour always moves the same way, so the first frame alone
+# tells where the video goes: an image-to-video model without a text encoder (the CPU
+# demo) can learn it, and a person can check the samples ("red always moves right").
+COLOR_DIRECTIONS: dict[str, str] = {"red": "right", "green": "left", "blue": "up", "yellow": "down"}
+
+
+def _motions(num: int, seed: int, motion: str = "random") -> list[ShapeMotion]:
+    """Balanced over every (shape, colour, direction) combination, then shuffled by seed;
+    with motion="by_color" the direction follows the colour (COLOR_DIRECTIONS)."""
+    if motion not in ("random", "by_color"):
+        raise ValueError(f"motion must be 'random' or 'by_color', got {motion!r}")
     rng = np.random.default_rng(seed)
-    combos = [(s, c, d) for s in SHAPES for c in COLORS for d in DIRECTIONS]
+    combos = [(s, c, d) for s in SHAPES for c in COLORS for d in DIRECTIONS
+              if motion == "random" or COLOR_DIRECTIONS[c] == d]
     out: list[ShapeMotion] = []
     while len(out) < num:
         for i in rng.permutation(len(combos)):
@@ -111,12 +121,12 @@ def _motions(num: int, seed: int) -> list[ShapeMotion]:
 
 
 def make_dataset(out: str, num: int = 48, seed: int = 0, size: int = 64, seconds: float = 4.0,
-                 fps: int = 8, holdout: int = 4) -> str:
+                 fps: int = 8, holdout: int = 4, motion: str = "random") -> str:
     """Write the dataset under `out`; returns the CSV path. Deterministic in its arguments."""
     if size % 2:
         raise ValueError(f"size must be even for yuv420p video, got {size}")
     num_frames = max(2, round(seconds * fps))
-    motions = _motions(num + holdout, seed)
+    motions = _motions(num + holdout, seed, motion)
     rows = []
     for i, motion in enumerate(motions[:num]):
         videoid, page_dir = str(1_000_000 + i), f"{i // 100:06d}_synth"

@@ -38,11 +38,17 @@ def test_linear_fusion_weights_fall_linearly_over_frames(tiny_model_config):
     torch.testing.assert_close(out[0, 0, :, 0, 0], torch.tensor([1.0, 0.75, 0.5, 0.25]))
 
 
-def test_untrained_tnf_passes_the_residual_through(tiny_model_config):
-    model = TRIPModel(tiny_model_config())
-    lat, img, text = _batch(model.cfg)
-    out = model(lat, img, torch.tensor([1, 2]), text)
-    torch.testing.assert_close(out.noise, out.residual)
+def test_untrained_tnf_is_the_linear_fusion(tiny_model_config):
+    cfg = tiny_model_config()
+    tnf, linear = TRIPModel(cfg), TRIPModel(tiny_model_config(fusion=FusionConfig(mode="linear")))
+    linear.load_state_dict(tnf.state_dict(), strict=False)
+    lat, img, text = _batch(cfg)
+    t = torch.tensor([1, 800])
+    a, b = tnf(lat, img, t, text), linear(lat, img, t, text)
+    # the schedule is clamped to [0.01, 0.99] inside TNF (finite gate logits)
+    lam = torch.linspace(1.0, 0.0, cfg.num_frames).clamp(0.01, 0.99).view(1, 1, -1, 1, 1)
+    torch.testing.assert_close(a.noise, lam * a.reference + (1 - lam) * a.residual, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.residual, b.residual)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_config):
@@ -57,6 +63,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_c
         for m in (plain, ckpt):
             torch.manual_seed(3)
             m.fusion.proj_out.weight.normal_(std=0.02)
+            m.fusion.gate_time.weight.normal_(std=0.02)
     losses = []
     for m in (plain, ckpt):
         m.train()

@@ -77,3 +77,15 @@ def test_synth_cli_writes_csv_videos_and_holdout(tmp_path, capsys: pytest.Captur
     assert len(rows) == 3 and all(os.path.isfile(r.url) for r in rows)
     assert rows[0].duration == 1.0
     assert "3 videos" in capsys.readouterr().out
+
+
+def test_by_color_motion_ties_every_direction_to_its_colour(tmp_path):
+    import csv
+
+    from data_tools.synth import COLOR_DIRECTIONS
+
+    make_dataset(str(tmp_path), num=16, seed=0, size=32, seconds=1, holdout=0, motion="by_color")
+    with open(tmp_path / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16 and {r["color"] for r in rows} == set(COLOR_DIRECTIONS)
+    assert all(COLOR_DIRECTIONS[r["color"]] == r["direction"] for r in rows)
