@@ -1,0 +1,165 @@
+"""`trip train`: validate a run config, then train with Ray Train (V2) + DeepSpeed ZeRO.
+
+The driver stays thin: it checks everything that can be checked before a worker starts
+(config, dataset index vs model shapes, storage reachable), builds the TorchTrainer
+(fixed or elastic scaling, failure and checkpoint policy, storage in a local dir or S3)
+and waits. All training happens in `trip.train.loop` on the workers; DeepSpeed is never
+imported here. Rerunning the same run name resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from trip import storage
+from trip.config import Config, ConfigError, load_config, to_dict
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind (paths are local paths or s3:// URLs)."""
+
+    steps: int
+    final_loss: float
+    samples_per_second: float
+    checkpoint: str
+    output_dir: str
+    plot: str
+    summary: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(cfg: Config) -> None:
+    """Fail before any worker starts, naming the file or field at fault."""
+    from data_tools.shards import read_index
+
+    if not cfg.data.dataset:
+        raise ConfigError("data.dataset is empty: set it to the dataset prefix holding index.json")
+    try:
+        index = read_index(cfg.data.dataset)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.dataset: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"data.dataset: {e}") from e
+    m = cfg.model
+    want = [m.num_frames, m.latent_channels, m.latent_size, m.latent_size]
+    if list(index["latent_shape"]) != want:
+        raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: latent_shape {index['latent_shape']} "
+                          f"does not match the model's [num_frames, latent_channels, latent_size, latent_size] "
+                          f"= {want}")
+    text = index.get("text_shape")
+    if cfg.data.text and text and text[-1] != m.unet.cross_attention_dim:
+        raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: text states of width {text[-1]} "
+                          f"but model.unet.cross_attention_dim = {m.unet.cross_attention_dim}")
+    smallest = min(cfg.scaling.world_sizes)
+    per_epoch = index["num_samples"] // (cfg.data.micro_batch_size * max(cfg.scaling.world_sizes))
+    if per_epoch < 1:
+        raise ConfigError(f"data.dataset has {index['num_samples']} samples: fewer than one micro-batch per rank "
+                          f"at world size {max(cfg.scaling.world_sizes)} (smallest world size {smallest})")
+    _check_storage(cfg.run.storage_path)
+
+
+def _check_storage(path: str) -> None:
+    if not storage.is_url(path):
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"run.storage_path {path} is not writable")
+        return
+    fs, p = storage.filesystem(path)
+    bucket = p.split("/")[0]
+    try:
+        ok = fs.exists(bucket)
+    except Exception as e:  # endpoint down, DNS, auth: say which storage, never the credentials
+        raise ConfigError(f"run.storage_path {path}: storage not reachable ({type(e).__name__})") from e
+    if not ok:
+        raise ConfigError(f"run.storage_path {path}: bucket {bucket!r} does not exist")
+
+
+def _storage(path: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig."""
+    if not storage.is_url(path):
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    fs, p = storage.filesystem(path)
+    # with a filesystem object Ray wants 'bucket/key', not 's3://bucket/key'
+    return p, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+# Non-secret settings a worker must see like the driver does (a Ray cluster started earlier
+# would not have them). Credentials are never forwarded: workers read their own environment.
+FORWARD_ENV = ("TRIP_TRAIN_DEBUG_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+
+
+def build_trainer(cfg: Config) -> Any:
+    """The TorchTrainer for this config (no worker starts until .fit())."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trip.train.loop import train_loop_per_worker
+
+    s = cfg.scaling
+    workers: int | tuple[int, int] = (s.min_workers, s.max_workers) if s.min_workers is not None else s.num_workers
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    path, fs = _storage(cfg.run.storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result."""
+    validate(cfg)
+    result = build_trainer(cfg).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
+    m = dict(result.metrics or {})
+    ckpt = result.checkpoint.path
+    if storage.is_url(cfg.run.storage_path):
+        ckpt = cfg.run.storage_path.split("://")[0] + "://" + ckpt
+    out = m.get("output_dir", "")
+    return TrainResult(steps=int(m.get("step", 0)), final_loss=float(m.get("loss", float("nan"))),
+                       samples_per_second=float(m.get("samples_per_second", 0.0)), checkpoint=ckpt,
+                       output_dir=out, plot=storage.join(out, "training.png"),
+                       summary=storage.join(out, "summary.json"), metrics=m)
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`trip train --config X [--set k=v ...]`."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = run_training(cfg)
+    print(f"[trip] done: {res.steps} steps, final loss {res.final_loss:.4f}, {res.samples_per_second:.1f} samples/s")
+    print(f"[trip] checkpoint {res.checkpoint}\n[trip] plot {res.plot}\n[trip] summary {res.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", "-c", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return cli(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
