@@ -92,7 +92,7 @@ def _storage(path: str) -> tuple[str, Any]:
 
 # Non-secret settings a worker must see like the driver does (a Ray cluster started earlier
 # would not have them). Credentials are never forwarded: workers read their own environment.
-FORWARD_ENV = ("TRIP_TRAIN_DEBUG_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL",
+FORWARD_ENV = ("TRIP_TRAIN_DEBUG_DIR", "TRIP_TRAIN_DEBUG_STEP_SLEEP", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL",
                "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
 
@@ -114,7 +114,8 @@ def build_trainer(cfg: Config) -> Any:
         train_loop_config={"config": to_dict(cfg)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},

@@ -256,6 +256,7 @@ class ScalingConfig:
     use_gpu: bool = False  # one or more GPUs per worker
     gpus_per_worker: float = 1.0  # GPUs reserved per worker (with use_gpu)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
+    resize_check_s: float = 60.0  # elastic: how often Ray looks for room to grow the group
 
     def __post_init__(self) -> None:
         if (self.min_workers is None) != (self.max_workers is None):

@@ -9,7 +9,8 @@ stay local. Every `checkpoint_every` steps (and at the end) every rank saves, th
 `TRIP_TRAIN_DEBUG_DIR=<local dir>` makes each rank write `worker-rank<r>.json` (pid, world
 size, ZeRO partition fraction) and append the sample keys of every step to
 `keys-rank<r>.jsonl`: the fault-tolerance tests use them to kill a worker and to check
-that data is seen exactly once per epoch.
+that data is seen exactly once per epoch. `TRIP_TRAIN_DEBUG_STEP_SLEEP=<s>` slows every
+step down so that a test can resize the cluster while a tiny run is still going.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class Trainer:
 
     def _debug_setup(self) -> None:
         self.debug_dir = os.environ.get("TRIP_TRAIN_DEBUG_DIR")
+        self.step_sleep = float(os.environ.get("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0") or 0)
         self.attempt = time.time()
         if dist.is_initialized():  # one id per worker-group start, the same on every rank
             box = [self.attempt]
@@ -227,6 +229,8 @@ class Trainer:
             self.metrics.corrupt(self.loader.corrupt_samples - corrupt_seen)
             corrupt_seen = self.loader.corrupt_samples
             self._debug_keys(keys, epochs)
+            if self.step_sleep:
+                time.sleep(self.step_sleep)
             steps_here += 1
             elapsed = time.perf_counter() - t_start
             sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
