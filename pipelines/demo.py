@@ -63,6 +63,20 @@ def embedded_store(out: Path, s3: bool) -> Iterator[str]:
         server.stop()
 
 
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """One local Ray for both jobs (each would otherwise start and stop its own), started
+    after the store so that workers inherit its endpoint settings."""
+    import ray
+
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+             log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def demo_config(out: Path, store: str, steps: int | None, sample_steps: int | None = None):
     """tiny_cpu.yaml with every path pointed into this demo's folders."""
     from trip.config import load_config
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(str(out / "webvid"), num=args.videos, seed=0, size=64, seconds=2.0, fps=8, holdout=4,
                  motion="by_color")
 
-    with embedded_store(out, args.s3) as store:
+    with embedded_store(out, args.s3) as store, local_ray():
         cfg = demo_config(out, store, args.steps, args.sample_steps)
 
         from pipelines.preprocess import run_preprocess

@@ -138,7 +138,9 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or max(2, min(4, os.cpu_count() or 2)), include_dashboard=False)
+        # address="local": start our own instance even if another cluster runs on this machine
+        ray.init(address="local", num_cpus=num_cpus or max(2, min(4, os.cpu_count() or 2)),
+                 include_dashboard=False)
     try:
         yield
     finally:
