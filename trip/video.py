@@ -66,7 +66,7 @@ def write_gif(frames: torch.Tensor, path: str, fps: int = 4, scale: int = 1) -> 
 def read_frames(path: str, max_frames: int | None = None) -> torch.Tensor:
     """Decode every frame of a video or GIF (or one still image) -> [F, 3, H, W] in [0, 1]."""
     if path.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
-        img = np.asarray(Image.open(path).convert("RGB"))
+        img = np.array(Image.open(path).convert("RGB"))  # a writable copy for torch
         return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
     frames = []
     with av.open(path) as container:
