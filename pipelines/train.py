@@ -79,17 +79,6 @@ def _check_storage(path: str) -> None:
         raise ConfigError(f"run.storage_path {path}: bucket {bucket!r} does not exist")
 
 
-def _storage(path: str) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig."""
-    if not storage.is_url(path):
-        return os.path.abspath(path), None
-    import pyarrow.fs as pafs
-
-    fs, p = storage.filesystem(path)
-    # with a filesystem object Ray wants 'bucket/key', not 's3://bucket/key'
-    return p, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 # Non-secret settings a worker must see like the driver does (a Ray cluster started earlier
 # would not have them). Credentials are never forwarded: workers read their own environment.
 FORWARD_ENV = ("TRIP_TRAIN_DEBUG_DIR", "TRIP_TRAIN_DEBUG_STEP_SLEEP", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL",
@@ -108,7 +97,9 @@ def build_trainer(cfg: Config) -> Any:
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    path, fs = _storage(cfg.run.storage_path)
+    from trip.train.checkpoint import run_storage
+
+    path, fs = run_storage(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg)},

@@ -101,6 +101,42 @@ def _remote_meta(checkpoint: Any) -> tuple[dict[str, Any] | None, str]:
     return meta, "ok"
 
 
+def run_storage(storage_path: str) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) of a run's storage, as Ray's RunConfig wants them:
+    with a filesystem object the path is 'bucket/key', never 's3://bucket/key'."""
+    from trip import storage
+
+    if not storage.is_url(storage_path):
+        return os.path.abspath(storage_path), None
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(storage_path)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def scan_run(storage_path: str, name: str) -> Any:
+    """The newest complete checkpoint found by listing the run directory, or None.
+
+    Used when Ray hands a worker group no checkpoint although the run has some (seen after
+    a controller-level restart during an elastic shrink): never restart from scratch then.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    path, fs = run_storage(storage_path)
+    fs = fs or pafs.LocalFileSystem()
+    root = f"{path.rstrip('/')}/{name}"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = [i.path for i in infos if i.type == pafs.FileType.Directory
+            and PurePosixPath(i.path).name.startswith("checkpoint_")]
+    if not dirs:
+        return None
+    return find_resume_checkpoint(Checkpoint(path=max(dirs), filesystem=fs))
+
+
 def find_resume_checkpoint(latest: Any) -> Any:
     """The newest complete checkpoint of the run: Ray's latest, else its older siblings.
 

@@ -117,7 +117,11 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _find_checkpoint(self, latest: Any) -> tuple[str | None, dict[str, Any] | None]:
-        resume = ckpt.find_resume_checkpoint(latest)
+        resume = ckpt.find_resume_checkpoint(latest) if latest is not None else None
+        if resume is None:
+            resume = ckpt.scan_run(self.cfg.run.storage_path, self.cfg.run.name)
+            if resume is not None:
+                _log(self.rank, f"Ray passed no checkpoint; found {resume.path} in the run directory")
         if resume is None:
             return None, None
         local = resume.to_directory(os.path.join(self.scratch, "resume"))
