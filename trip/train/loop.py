@@ -100,6 +100,7 @@ class Trainer:
         self.ema = PartitionedEMA(self.named, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         self.step, self.history, self.restarts, loader_state = 0, [], 0, None
+        self.save_seconds: list[float] = []  # this attempt's checkpoint save + upload times
         torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank noise and timestep streams
         if meta is not None:
             self._restore(local_dir, meta, universal)
@@ -238,7 +239,7 @@ class Trainer:
             steps_here += 1
             elapsed = time.perf_counter() - t_start
             sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
-            self.history.append({"step": self.step, "loss": loss, "samples_per_second": sps})
+            self.history.append({"step": self.step, "loss": loss, "samples_per_second": sps, "time": time.time()})
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 eta = (cfg.train.max_steps - self.step) * elapsed / steps_here
                 _log(rank, f"step {self.step}/{cfg.train.max_steps}  loss {loss:.4f}  {sps:.1f} samples/s  "
@@ -294,6 +295,7 @@ class Trainer:
                               "output_dir": default_output_dir(self.cfg)},
                              checkpoint=Checkpoint.from_directory(tmp))
             seconds = time.perf_counter() - t0
+            self.save_seconds.append(seconds)
             self.metrics.checkpoint_saved(seconds)
             _log(self.rank, f"checkpoint at step {self.step} saved in {seconds:.1f} s")
         finally:
@@ -302,4 +304,5 @@ class Trainer:
     def _write_report(self) -> None:
         from trip.train.report import write_report
 
-        write_report(default_output_dir(self.cfg), self.cfg, self.history)
+        write_report(default_output_dir(self.cfg), self.cfg, self.history,
+                     extra={"checkpoint_save_seconds": self.save_seconds})

@@ -48,11 +48,12 @@ def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def write_report(out_dir: str, cfg: Config, history: list[dict[str, float]]) -> dict[str, Any]:
+def write_report(out_dir: str, cfg: Config, history: list[dict[str, float]],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write plot.png + summary.json into `out_dir`; returns the summary."""
     plot = storage.join(out_dir, "training.png")
     summary = {**summarize(history), "run": cfg.run.name, "storage_path": cfg.run.storage_path,
-               "plot": plot, "summary": storage.join(out_dir, "summary.json")}
+               "plot": plot, "summary": storage.join(out_dir, "summary.json"), **(extra or {})}
     if history:
         storage.write_bytes_atomic(plot, plot_png(history, f"TRIP run {cfg.run.name}"))
     storage.write_bytes_atomic(summary["summary"], json.dumps(summary, indent=2).encode())
