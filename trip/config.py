@@ -292,6 +292,7 @@ class MetricsConfig:
     """Prometheus exporter in each worker."""
 
     port: int = 0  # exporter port = port + local_rank; 0 disables
+    addr: str = "0.0.0.0"  # exporter listen address (127.0.0.1 keeps it on the host)
 
 
 @dataclass(kw_only=True)

@@ -49,7 +49,7 @@ def make_config(bucket: str, name: str, steps: int, port: int = 0, **extra: obje
         write_synthetic_dataset(data, [16, 16], latent_shape=(8, 192, 4, 4), text_shape=None)
     sets = {"data.dataset": data, "run.storage_path": f"{bucket}/runs", "run.name": name,
             "train.max_steps": steps, "train.checkpoint_every": 2, "train.log_every": 1,
-            "train.warmup_steps": 1, "train.min_lr_ratio": 1.0, "metrics.port": port,
+            "train.warmup_steps": 1, "train.min_lr_ratio": 1.0, "metrics.port": port, "metrics.addr": "127.0.0.1",
             "data.num_workers": 0, "run.output_dir": f"{bucket}/out/{name}", **extra}
     return load_config(TINY, [f"{k}={v}" for k, v in sets.items()])
 
@@ -168,3 +168,13 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     assert b[6] < b[1], b
     summary = json.loads(fs.cat(f"{bucket}/out/straight/summary.json"))
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
+
+    # `trip export` of the S3 checkpoint gives a model directory that `trip sample` loads
+    from trip.cli import main as trip_main
+    from trip.model import TRIPModel
+
+    out = tmp_path / "model"
+    assert trip_main(["export", "--checkpoint", resumed.checkpoint, "--out", str(out)]) == 0
+    model = TRIPModel.from_pretrained(str(out))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert json.loads((out / "config.json").read_text())["codec"]["kind"] == "lossless"

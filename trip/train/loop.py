@@ -109,7 +109,7 @@ class Trainer:
             _log(rank, f"resumed at step {self.step} (saved at world size {meta['world_size']}, now {world}"
                        f"{'; via universal checkpoint' if universal else ''})")
         self.loader = LatentLoader(cfg.data, rank, world, state=loader_state, device=None)
-        self.metrics = build_metrics(cfg.run.name, rank, local_rank, cfg.metrics.port)
+        self.metrics = build_metrics(cfg.run.name, rank, local_rank, cfg.metrics.port, cfg.metrics.addr)
         self.metrics.world(world, self.restarts)
         if self.metrics.url:
             print(f"[trip] rank {rank} metrics at {self.metrics.url}", flush=True)
