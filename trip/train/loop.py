@@ -77,6 +77,7 @@ class Trainer:
         else:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         self.accum = cfg.grad_accum_steps(world)
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
         local_dir, meta = self._find_checkpoint(ray.train.get_checkpoint())
         universal = meta is not None and meta["world_size"] != world
@@ -190,10 +191,10 @@ class Trainer:
             yield from self.loader
 
     def _micro_step(self, batch: dict[str, Any]) -> float:
-        d = self.device
-        loss = self.engine(batch["latents"].permute(0, 2, 1, 3, 4).to(d),  # [B,F,C,h,w] -> [B,C,F,h,w]
-                           batch["image_latents"].to(d),
-                           batch["text_states"].to(d) if batch.get("text_states") is not None else None,
+        d, dt = self.device, self.dtype  # bf16 weights need bf16 inputs; the loss is computed in fp32
+        loss = self.engine(batch["latents"].permute(0, 2, 1, 3, 4).to(d, dt),  # [B,F,C,h,w] -> [B,C,F,h,w]
+                           batch["image_latents"].to(d, dt),
+                           batch["text_states"].to(d, dt) if batch.get("text_states") is not None else None,
                            batch["valid"].to(d) if batch.get("valid") is not None else None)
         self.engine.backward(loss)
         self.engine.step()
