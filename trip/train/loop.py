@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -83,9 +84,9 @@ class Trainer:
         universal = meta is not None and meta["world_size"] != world
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = TRIPModel(cfg.model, cfg.diffusion)
-        if cfg.model.gradient_checkpointing:
-            model.set_gradient_checkpointing(True)
+        # a resumed run takes its weights from the checkpoint: no need to fetch the pretrained UNet
+        mcfg = replace(cfg.model, pretrained_unet=None) if meta is not None else cfg.model
+        model = TRIPModel(mcfg, cfg.diffusion)
         groups = model.param_groups()
         self.base_lrs = [cfg.train.lr_unet, cfg.train.lr_fusion]
         self.group_names = ["unet", "fusion"]
