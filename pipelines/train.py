@@ -118,6 +118,12 @@ def build_trainer(cfg: Config) -> Any:
 def run_training(cfg: Config) -> TrainResult:
     """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result."""
     validate(cfg)
+    import ray
+
+    if not ray.is_initialized():
+        # our own local Ray unless told where the cluster is: never join whatever Ray
+        # instance happens to run on this machine
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     result = build_trainer(cfg).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
