@@ -17,7 +17,7 @@ from trip.video import read_frames
 def test_demo_small_run_produces_valid_shards_checkpoint_samples_and_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("TRIP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert demo_main(["--out", str(out), "--steps", "4", "--videos", "12", "--sample-steps", "3"]) == 0
+    assert demo_main(["--out", str(out), "--steps", "4", "--videos", "32", "--sample-steps", "3"]) == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
@@ -25,7 +25,7 @@ def test_demo_small_run_produces_valid_shards_checkpoint_samples_and_summary(tmp
     assert math.isfinite(summary["samples_per_second"]) and summary["samples_per_second"] > 0
 
     index, problems = validate_dataset(summary["shards"])
-    assert not problems and index["num_samples"] == 12
+    assert not problems and index["num_samples"] == 32
 
     model = TRIPModel.from_pretrained(summary["model"])
     frames = model.cfg.num_frames
