@@ -304,10 +304,10 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trip.cli import add_config_args
+
     parser = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", "-c", required=True, help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
+    add_config_args(parser)
     return cli(parser.parse_args(argv))
 
 

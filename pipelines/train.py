@@ -153,9 +153,10 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trip.cli import add_config_args
+
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", "-c", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     return cli(ap.parse_args(argv))
 
 

@@ -11,7 +11,8 @@ import importlib
 import sys
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--config and --set, shared by every job entry point (trip CLI and pipelines/*.py)."""
     p.add_argument("--config", "-c", required=required, help="run config YAML (see pipelines/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="show or validate a run config")
     p.add_argument("action", choices=["show", "validate"])
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=_config_cmd)
 
     p = sub.add_parser("sample", help="image (+ caption) -> video with a trained TRIP model")
@@ -62,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_dispatch("trip.sampling:cli"))
 
     p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray Data job)")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=_dispatch("pipelines.preprocess:cli"))
 
     p = sub.add_parser("train", help="train with Ray Train + DeepSpeed ZeRO-3")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=_dispatch("pipelines.train:cli"))
 
     p = sub.add_parser("export", help="checkpoint -> diffusers-format TRIP model directory")
