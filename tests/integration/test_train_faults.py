@@ -115,12 +115,15 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
     from pipelines.train import validate
     from tests.integration.test_train_ray import make_config
 
+    # Enough steps that the group can grow back (resize check + restart, ~15 s on a loaded
+    # 2-core machine) before the run ends, whenever the shrink happened.
+    STEPS = 40  # noqa: N806
     debug = tmp_path / "debug"
     for k, v in {"TRIP_TRAIN_DEBUG_DIR": str(debug), "TRIP_TRAIN_DEBUG_STEP_SLEEP": "0.4",
                  "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}.items():
         monkeypatch.setenv(k, v)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
-    cfg = make_config(s3_bucket, "elastic", 20, **{"scaling.min_workers": 1, "scaling.max_workers": 2,
+    cfg = make_config(s3_bucket, "elastic", STEPS, **{"scaling.min_workers": 1, "scaling.max_workers": 2,
                                                     "scaling.resize_check_s": 1.0, "run.max_failures": 4})
     validate(cfg)  # also writes the dataset
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -128,7 +131,7 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
     cluster.wait_for_nodes()
     sets = [f"{k}={v}" for k, v in {
         "data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path, "run.name": "elastic",
-        "train.max_steps": 20, "train.checkpoint_every": 2, "train.log_every": 1, "train.warmup_steps": 1,
+        "train.max_steps": STEPS, "train.checkpoint_every": 2, "train.log_every": 1, "train.warmup_steps": 1,
         "train.min_lr_ratio": 1.0, "data.num_workers": 0, "run.output_dir": cfg.run.output_dir,
         "scaling.min_workers": 1, "scaling.max_workers": 2, "scaling.resize_check_s": 1.0,
         "run.max_failures": 4}.items()]
@@ -151,7 +154,7 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
             driver.kill()
         cluster.shutdown()
     (tmp_path / "driver.log").write_text("".join(log))
-    final = assert_exactly_once(debug, 20)
+    final = assert_exactly_once(debug, STEPS)
     worlds = [final[s][0]["world_size"] for s in sorted(final)]
     # 2 first, then 1 after the node left, then 2 again after it came back
     compact = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
