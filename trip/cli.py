@@ -19,13 +19,9 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _config_cmd(args: argparse.Namespace) -> int:
-    from trip.config import ConfigError, dump_config, load_config
+    from trip.config import dump_config, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)  # a ConfigError is reported by main()
     if args.action == "show":
         print(dump_config(cfg), end="")
     else:
