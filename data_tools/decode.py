@@ -91,8 +91,8 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def _open_source(url: str) -> str | IO[bytes]:
     """A path or file object for PyAV; missing and empty files are skips, not errors."""
-    if not storage.is_url(url) or url.startswith("file://"):
-        path = url[len("file://"):] if url.startswith("file://") else url
+    path = storage.local_path(url)
+    if path is not None:
         if not os.path.isfile(path):
             raise SkipVideo("fetch", f"file not found: {url}")
         if os.path.getsize(path) == 0:

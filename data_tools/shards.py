@@ -104,11 +104,11 @@ class ShardWriter:
         self._tar.close()
         try:
             size = os.path.getsize(self._tmp)
-            if storage.is_url(self.url) and not self.url.startswith("file://"):
+            dest = storage.local_path(self.url)
+            if dest is None:
                 fs, path = storage.filesystem(self.url)
                 storage.retry(lambda: fs.put_file(self._tmp, path), what=f"upload of {self.url}")
             else:
-                dest = self.url[len("file://"):] if self.url.startswith("file://") else self.url
                 os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 tmp_dest = os.path.join(os.path.dirname(os.path.abspath(dest)), f".{self.name}.tmp")
                 with open(self._tmp, "rb") as src, open(tmp_dest, "wb") as dst:

@@ -26,6 +26,13 @@ def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
+def local_path(url: str) -> str | None:
+    """The local filesystem path of a plain path or file:// URL; None for remote storage."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if is_url(url) else url
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
@@ -78,8 +85,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     Local files: write a temp file in the same directory, then rename (atomic on POSIX).
     Object stores: a single PUT is already atomic (an object appears whole or not at all).
     """
-    if not is_url(url) or url.startswith("file://"):
-        path = url[len("file://"):] if url.startswith("file://") else url
+    path = local_path(url)
+    if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
         try:
@@ -112,12 +119,11 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2,
 
 def local_copy(url: str, cache_dir: str | None = None) -> str:
     """A local directory/file holding `url`'s content (downloaded once when remote)."""
-    if not is_url(url):
-        if not os.path.exists(url):
+    path = local_path(url)
+    if path is not None:
+        if not os.path.exists(path):
             raise FileNotFoundError(f"path does not exist: {url}")
-        return url
-    if url.startswith("file://"):
-        return local_copy(url[len("file://"):])
+        return path
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"path does not exist: {url}")
@@ -142,8 +148,8 @@ def local_copy(url: str, cache_dir: str | None = None) -> str:
 @contextlib.contextmanager
 def local_dir_for_upload(url: str) -> Iterator[str]:
     """Yield a local directory; on success its content is uploaded to `url` (if remote)."""
-    if not is_url(url) or url.startswith("file://"):
-        path = url[len("file://"):] if url.startswith("file://") else url
+    path = local_path(url)
+    if path is not None:
         os.makedirs(path, exist_ok=True)
         yield path
         return

@@ -40,8 +40,9 @@ class CorruptShardError(ValueError):
 
 def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """A fresh filesystem for `url` (never a cached instance: s3fs objects are not fork-safe)."""
-    if not storage.is_url(url) or url.startswith("file://"):
-        return fsspec.filesystem("file"), url[len("file://"):] if url.startswith("file://") else url
+    path = storage.local_path(url)
+    if path is not None:
+        return fsspec.filesystem("file"), path
     protocol = url.split("://", 1)[0]
     fs = fsspec.filesystem(protocol, skip_instance_cache=True, **storage.storage_options(url))
     return fs, fs._strip_protocol(url)
