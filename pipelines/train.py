@@ -64,9 +64,10 @@ def validate(cfg: Config) -> None:
 
 
 def _check_storage(path: str) -> None:
-    if not storage.is_url(path):
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK):
+    local = storage.local_path(path)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+        if not os.access(local, os.W_OK):
             raise ConfigError(f"run.storage_path {path} is not writable")
         return
     fs, p = storage.filesystem(path)
