@@ -26,24 +26,50 @@ def local_part(p: nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+GATHER_BUCKET_ELEMENTS = 1 << 26  # per rank and collective: 256 MB of float32
+
+
 @torch.no_grad()
-def gather_full(named: list[tuple[str, nn.Parameter]], parts: list[torch.Tensor] | None = None
-                ) -> dict[str, torch.Tensor]:
+def gather_full(named: list[tuple[str, nn.Parameter]], parts: list[torch.Tensor] | None = None,
+                bucket_elements: int = GATHER_BUCKET_ELEMENTS) -> dict[str, torch.Tensor]:
     """Full float32 CPU tensors from every rank's partition (`parts`, default the live ones).
 
+    Partitions are concatenated into buckets of up to `bucket_elements` per rank and each
+    bucket is gathered in one collective: one all-gather per parameter would cost a network
+    round trip per tensor (hundreds of them) on every checkpoint.
     Collective under ZeRO-3: every rank must call it, in the same order.
     """
     _, world = _dist()
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    bucket: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal bucket, filled
+        if not bucket:
+            return
+        flat = torch.cat([local.reshape(-1) for _, _, local in bucket])
+        gathered = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+        dist.all_gather_into_tensor(gathered, flat)
+        gathered = gathered.view(world, -1)  # row r: rank r's partitions, in bucket order
+        offset = 0
+        for name, p, local in bucket:
+            n = local.numel()  # every rank's partition of p has this size (the last one padded)
+            out[name] = gathered[:, offset: offset + n].reshape(-1)[: p.ds_numel].view(p.ds_shape).cpu()
+            offset += n
+        bucket, filled = [], 0
+
     for i, (name, p) in enumerate(named):
         local = (parts[i] if parts is not None else local_part(p)).detach().float()
         if not hasattr(p, "ds_tensor"):
             out[name] = local.clone().cpu()
             continue
-        gathered = torch.empty(local.numel() * world, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local.contiguous().view(-1))
-        out[name] = gathered[: p.ds_numel].view(p.ds_shape).cpu()
-    return out
+        if filled and filled + local.numel() > bucket_elements:
+            flush()
+        bucket.append((name, p, local))
+        filled += local.numel()
+    flush()
+    return {name: out[name] for name, _ in named}
 
 
 class PartitionedEMA:
