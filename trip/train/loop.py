@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -31,9 +32,12 @@ from trip.config import Config, config_from_dict, to_dict
 from trip.train import checkpoint as ckpt
 
 
-def _log(rank: int, text: str) -> None:
-    if rank == 0:
-        print(f"[trip] {text}", flush=True)
+def _log(rank: int, text: str, every_rank: bool = False) -> None:
+    """A progress line from rank 0 (or from every rank), written to stdout once: Ray Train
+    patches `print` in workers to also go through its logger, which showed each line twice."""
+    if rank == 0 or every_rank:
+        sys.stdout.write(f"[trip] {text}\n")
+        sys.stdout.flush()
 
 
 def default_output_dir(cfg: Config) -> str:
@@ -114,7 +118,7 @@ class Trainer:
         self.metrics = build_metrics(cfg.run.name, rank, local_rank, cfg.metrics.port, cfg.metrics.addr)
         self.metrics.world(world, self.restarts)
         if self.metrics.url:
-            print(f"[trip] rank {rank} metrics at {self.metrics.url}", flush=True)
+            _log(rank, f"rank {rank} metrics at {self.metrics.url}", every_rank=True)
         self._debug_setup()
 
     # ------------------------------------------------------------------ resume
@@ -191,7 +195,11 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _micro_step(self, batch: dict[str, Any]) -> float:
+    def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward, backward and (at the accumulation boundary) optimizer step of one micro-batch.
+
+        Returns the detached loss on the device: reading it (`.item()`) would make the host
+        wait for the device after every micro-batch, so the caller reads once per step."""
         d, dt = self.device, self.dtype  # bf16 weights need bf16 inputs; the loss is computed in fp32
         loss = self.engine(batch["latents"].permute(0, 2, 1, 3, 4).to(d, dt),  # [B,F,C,h,w] -> [B,C,F,h,w]
                            batch["image_latents"].to(d, dt),
@@ -199,7 +207,7 @@ class Trainer:
                            batch["valid"].to(d) if batch.get("valid") is not None else None)
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.item())
+        return loss.detach()
 
     def run(self) -> None:
         from trip.train.ds_config import lr_factor
@@ -215,15 +223,16 @@ class Trainer:
             for g, base in zip(self.optimizer.param_groups, self.base_lrs):
                 g["lr"] = base * factor
             t0, wait0 = time.perf_counter(), self.loader.wait_seconds
-            loss, samples, keys, epochs = 0.0, 0, [], []
+            losses, samples, keys, epochs = [], 0, [], []
             for _ in range(self.accum):
                 epochs.append(self.loader.epoch)
                 batch = self._next_batch(it)
-                loss += self._micro_step(batch) / self.accum
+                losses.append(self._micro_step(batch))
                 valid = batch.get("valid")
                 flags = [bool(v) for v in valid] if valid is not None else [True] * len(batch["keys"])
                 keys += [k for k, ok in zip(batch["keys"], flags) if ok]
                 samples += sum(flags)
+            loss = float(torch.stack(losses).float().mean())  # the one host sync of the step
             self.step += 1
             if self.ema is not None:
                 self.ema.update()
@@ -277,6 +286,7 @@ class Trainer:
         try:
             self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG, client_state={"trip_step": self.step})
             ckpt.write_json(os.path.join(tmp, "rng", f"rank{self.rank}.json"), ckpt.rng_state())
+            t_write = time.perf_counter()
             weights = gather_full(self.named)
             ema = self.ema.full_state() if self.ema is not None else None
             if self.rank == 0:
@@ -290,16 +300,20 @@ class Trainer:
                     "config_hash": self.cfg.hash(), "config": to_dict(self.cfg), "loader": merged,
                     "history": self.history, "restarts": self.restarts,
                     "files": ckpt.expected_files(self.world, ema is not None, self.cfg.train.zero.stage)})
+            t_gather = time.perf_counter()
             last = self.history[-1] if self.history else {}
             ray.train.report({"step": self.step, "loss": last.get("loss", float("nan")),
                               "samples_per_second": last.get("samples_per_second", 0.0),
                               "world_size": self.world, "partition_fraction": self.partition_fraction,
                               "output_dir": default_output_dir(self.cfg)},
                              checkpoint=Checkpoint.from_directory(tmp))
-            seconds = time.perf_counter() - t0
+            t_end = time.perf_counter()
+            seconds = t_end - t0
             self.save_seconds.append(seconds)
             self.metrics.checkpoint_saved(seconds)
-            _log(self.rank, f"checkpoint at step {self.step} saved in {seconds:.1f} s")
+            _log(self.rank, f"checkpoint at step {self.step} saved in {seconds:.2f} s (DeepSpeed files "
+                            f"{t_write - t0:.2f} s, full weights + EMA {t_gather - t_write:.2f} s, "
+                            f"report + upload {t_end - t_gather:.2f} s)")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
