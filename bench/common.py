@@ -7,9 +7,17 @@ absolute numbers, are what carries over between machines.
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from collections.abc import Callable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers and torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def time_it(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> float:

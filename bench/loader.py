@@ -33,7 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from bench.common import print_table, row
+from bench.common import free_port, print_table, row
 from trip import storage
 from trip.config import DataConfig
 from trip.data import LatentLoader
@@ -131,15 +131,9 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_moto() -> tuple[subprocess.Popen, str]:
     """A moto S3 server in its own process on 127.0.0.1; sets the AWS_* environment."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

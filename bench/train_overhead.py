@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, row
+from bench.common import free_port, print_table, row
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "configs" / "tiny_cpu.yaml"
 SKIP = 8  # steps left out of the steady state (JIT, allocator warmup, Ray start-up)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _steady(times: list[float]) -> float:
@@ -54,7 +47,7 @@ def torchrun_step_seconds(workers: int, steps: int) -> float:
     """The bare loop under torchrun."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-                          "--master_port", str(_free_port()), "-m", "bench.bare_deepspeed", str(TINY), str(steps)],
+                          "--master_port", str(free_port()), "-m", "bench.bare_deepspeed", str(TINY), str(steps)],
                          env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"bare DeepSpeed under torchrun failed:\n{out.stderr[-3000:]}")
@@ -133,7 +126,7 @@ def main(steps: int = 40, workers: tuple[int, ...] = (2, 1)) -> list[dict]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     cores = os.cpu_count() or 1
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",

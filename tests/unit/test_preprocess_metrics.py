@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 from data_tools import metrics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def test_exporter_serves_bounded_status_series() -> None:
     assert metrics.start_exporter(0) is None
-    server = metrics.start_exporter(_free_port(), addr="127.0.0.1")
+    server = metrics.start_exporter(free_port(), addr="127.0.0.1")
     assert server is not None
     try:
         before = metrics.VIDEOS.labels(status="skipped")._value.get()

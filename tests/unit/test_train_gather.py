@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from tests.conftest import free_port
 from trip.train.ema import PartitionedEMA, gather_full
 
 SHAPES = {"conv.weight": (3, 5), "conv.bias": (7,), "attn.proj": (2, 3, 3), "norm.weight": (4,)}
@@ -64,12 +64,6 @@ def _worker(rank: int, world: int, port: int, bucket: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("bucket", [1, 20, 1 << 26], ids=["one-param-per-bucket", "mixed", "one-bucket"])
 def test_gather_full_rebuilds_every_parameter_from_partitions(bucket):
-    mp.spawn(_worker, args=(2, _free_port(), bucket), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), bucket), nprocs=2, join=True)
