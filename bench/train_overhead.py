@@ -173,7 +173,7 @@ def stack_run(workers: int, steps: int, workdir: str, bucket: str, tag: str = ""
     name = f"bench-{workers}{tag}"
     cfg = load_config(TINY, [f"data.dataset={data}", f"run.storage_path={bucket}/runs", f"run.name={name}",
                              f"scaling.num_workers={workers}", f"train.max_steps={steps}",
-                             f"train.checkpoint_every={steps}", f"train.log_every={steps}", "data.num_workers=1",
+                             f"train.checkpoint_every={steps}", f"train.log_every={steps}",
                              f"run.output_dir={workdir}/out-{name}"])
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
