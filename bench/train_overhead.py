@@ -207,7 +207,7 @@ ARMS = ("torchrun", "ray_bare", "stack")
 def measure(workers: int, steps: int, rounds: int, work: str, bucket: str) -> dict[str, list]:
     """`rounds` rounds of the three arms, each round in a rotated order so that no arm always
     runs first (or right after Ray's shutdown). Returns per-arm lists over rounds."""
-    got: dict[str, list] = {k: [] for k in (*ARMS, "save", "raw_put", "bg_torchrun", "bg_ray_bare", "bg_stack")}
+    got: dict[str, list] = {k: [] for k in (*ARMS, *(f"bg_{a}" for a in ARMS), "save", "raw_put", "checkpoint_mb")}
     for r in range(rounds):
         for arm in ARMS[r % 3:] + ARMS[:r % 3]:
             if arm == "torchrun":
@@ -220,7 +220,7 @@ def measure(workers: int, steps: int, rounds: int, work: str, bucket: str) -> di
                 got["save"].append(res["save_seconds"])
                 raw, nbytes = raw_put_seconds(res["checkpoint"])
                 got["raw_put"].append(raw)
-                got.setdefault("checkpoint_mb", []).append(nbytes / 1e6)
+                got["checkpoint_mb"].append(nbytes / 1e6)
             got[arm].append(seconds)
             got[f"bg_{arm}"].append(bg)
             print(f"[train_overhead] {workers} worker(s), round {r + 1}/{rounds}: {arm} {seconds:.3f} s/step, "
