@@ -94,19 +94,17 @@ class BackgroundCpu:
 
     def background_cores(self) -> float:
         """Cores used by non-rank processes while the ranks were busy (nan if they never were)."""
-        busy = []
-        for (t0, a, ra), (t1, b, rb) in zip(self.snaps, self.snaps[1:]):
-            ranks = ra & rb
-            rank_cores = sum(b[p] - a[p] for p in ranks if p in a and p in b) / (t1 - t0)
+        busy = []  # i: the ranks were busy between snapshot i and i + 1
+        for i, ((t0, a, ra), (t1, b, rb)) in enumerate(zip(self.snaps, self.snaps[1:])):
+            rank_cores = sum(b[p] - a[p] for p in ra & rb if p in a and p in b) / (t1 - t0)
             if rank_cores > 0.5 * self.workers:
-                busy.append((t0, t1))
+                busy.append(i)
         if len(busy) < 4:
             return float("nan")
-        start, end = busy[len(busy) // 4][0], busy[-1][1]
-        first = next(x for x in self.snaps if x[0] == start)
-        last = next(x for x in self.snaps if x[0] == end)
-        ranks = set().union(*(x[2] for x in self.snaps if start <= x[0] <= end))
-        used = sum(last[1][p] - first[1][p] for p in first[1] if p in last[1] and p not in ranks)
+        window = self.snaps[busy[len(busy) // 4]:busy[-1] + 2]
+        (start, first, _), (end, last, _) = window[0], window[-1]
+        ranks = set().union(*(r for _, _, r in window))
+        used = sum(last[p] - first[p] for p in first if p in last and p not in ranks)
         return used / (end - start)
 
 
@@ -209,7 +207,7 @@ def measure(workers: int, steps: int, rounds: int, work: str, bucket: str) -> di
     runs first (or right after Ray's shutdown). Returns per-arm lists over rounds."""
     got: dict[str, list] = {k: [] for k in (*ARMS, *(f"bg_{a}" for a in ARMS), "save", "raw_put", "checkpoint_mb")}
     for r in range(rounds):
-        for arm in ARMS[r % 3:] + ARMS[:r % 3]:
+        for arm in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
             if arm == "torchrun":
                 seconds, bg = torchrun_step_seconds(workers, steps)
             elif arm == "ray_bare":
