@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/trip-torch-extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup system-deps test test-unit demo lint bench clean manifests
+.PHONY: help setup system-deps test test-unit demo lint bench clean manifests lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
 	touch $(STAMP)
+
+lock: ## re-resolve the dependencies of pyproject.toml into constraints-cpu.txt (in a scratch venv)
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -U pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q torch==2.13.0 -e '.[dev]'
+	{ sed -n '/^#/p' constraints-cpu.txt; .lock-venv/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^trip-platform' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints-cpu.txt.new
+	mv constraints-cpu.txt.new constraints-cpu.txt && rm -rf .lock-venv
 
 system-deps: ## install Debian's prometheus (+promtool) and ffmpeg when missing
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v ffmpeg >/dev/null; then \
