@@ -2,7 +2,8 @@
 
 Covers the issue's CI list: union/disjointness at 2 ranks x 2 workers, same seed same
 order, interrupt + merge + resume at another world size and worker count, the next
-epoch, uneven shards, corrupt and truncated shards and the corrupt-rate error.
+epoch, uneven shards, corrupt and truncated shards and the corrupt-rate error; and
+exact rounds at any world size (round_size) with checkpoints of own_only states.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from trip.config import DataConfig
 from trip.data import CorruptDataError, LatentLoader
+from trip.data.plan import EpochOrder
 from trip.data.synth import sample_key, write_synthetic_dataset
 
 SIZES = [10, 7, 13, 10, 9, 11]  # 60 samples, uneven shards
@@ -223,3 +225,82 @@ def test_file_urls_work_like_plain_paths(dataset: str) -> None:
     keys = [k for b in LatentLoader(_cfg(f"file://{dataset}", num_workers=1), 0, 1)
             for k, v in zip(b["keys"], b["valid"]) if v]
     assert sorted(keys) == sorted(ALL)
+
+
+def _positions_match_keys(batch: dict[str, Any], epoch: int) -> None:
+    """`positions` name the very samples of the batch (padding too) in the epoch's order."""
+    assert batch["epoch"] == epoch
+    assert batch["positions"].dtype == torch.int64 and batch["positions"].shape == batch["valid"].shape
+    shard, ordinal = EpochOrder(SIZES, seed=7, epoch=epoch, shuffle_buffer=16).locate(batch["positions"].numpy())
+    assert [sample_key(s, o) for s, o in zip(shard.tolist(), ordinal.tolist())] == batch["keys"]
+
+
+def _rounds(cfg: DataConfig, world: int, round_size: int, state: dict | None, rounds: int | None,
+            ) -> tuple[list[list[dict[str, Any]]], list[LatentLoader]]:
+    """Every rank's batches of one pass (the first `rounds` rounds if given)."""
+    out, loaders = [], []
+    for rank in range(world):
+        loader = LatentLoader(cfg, rank, world, state=state, round_size=round_size)
+        batches = []
+        for batch in loader:
+            _check_batch(batch, len(batch["valid"]))
+            _positions_match_keys(batch, 0)
+            batches.append(batch)
+            if rounds is not None and len(batches) == rounds * loader.micro_batches_per_round:
+                break
+        out.append(batches)
+        loaders.append(loader)
+    return out, loaders
+
+
+def _valid_per_round(batches: list[list[dict[str, Any]]], accum: int) -> list[int]:
+    counts = {len(b) for b in batches}
+    assert len(counts) == 1, "ranks yielded different numbers of micro-batches"
+    n = counts.pop()
+    return [sum(int(b[j]["valid"].sum()) for b in batches for j in range(i, i + accum)) for i in range(0, n, accum)]
+
+
+def _keys(batches: list[list[dict[str, Any]]]) -> list[str]:
+    return [k for rank in batches for b in rank for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+
+
+def _merge_own_only(loaders: list[LatentLoader]) -> dict[str, Any]:
+    """The checkpoint as the training loop takes it: rank 0's full state, the others' own deliveries."""
+    states = [loaders[0].state_dict()] + [lo.state_dict(own_only=True) for lo in loaders[1:]]
+    states = json.loads(json.dumps(states))
+    merged = LatentLoader.merge_states(states)
+    assert merged == LatentLoader.merge_states([lo.state_dict() for lo in loaders])  # same as full states
+    if len(loaders) > 1:
+        with pytest.raises(ValueError, match="full state_dict"):
+            LatentLoader.merge_states(states[1:])
+    return merged
+
+
+def test_round_size_gives_exact_rounds_and_own_only_checkpoints_resume_exactly_once(dataset: str) -> None:
+    # 3 ranks, 10 samples per round in micro-batches of at most 4: 4 + 3 + 3
+    first, loaders = _rounds(_cfg(dataset), 3, 10, None, rounds=2)
+    assert [lo.micro_batches_per_round for lo in loaders] == [1, 1, 1]
+    assert [lo.batches_per_epoch for lo in loaders] == [6, 6, 6]
+    assert [{len(b["valid"]) for b in rank} for rank in first] == [{4}, {3}, {3}]
+    assert _valid_per_round(first, 1) == [10, 10]
+    own = [lo.state_dict(own_only=True) for lo in loaders]
+    assert all(s["own_only"] and s["restored_epoch"] == 0 for s in own)
+    merged = _merge_own_only(loaders)
+    assert "own_only" not in merged and merged["exhausted"] is False
+
+    # 2 ranks, 7 per round, micro-batches of at most 3 (2 + 2 and 2 + 1), one reader each
+    cfg2 = _cfg(dataset, micro_batch_size=3, num_workers=1)
+    second, loaders = _rounds(cfg2, 2, 7, merged, rounds=2)
+    assert [lo.micro_batches_per_round for lo in loaders] == [2, 2]
+    assert [[len(b["valid"]) for b in rank] for rank in second] == [[2, 2] * 2, [2, 1] * 2]
+    assert _valid_per_round(second, 2) == [7, 7]
+    own = loaders[1].state_dict(own_only=True)  # only what this loader delivered, not the restored base
+    assert sum(b - a for a, b in own["consumed"]) == sum(int(b["valid"].sum()) for b in second[1])
+    merged = _merge_own_only(loaders)
+
+    # 4 ranks, 9 per round, the rest of the epoch: 60 - 20 - 14 = 26 = 9 + 9 + 8 (padded)
+    third, loaders = _rounds(_cfg(dataset, micro_batch_size=2, num_workers=2), 4, 9, merged, rounds=None)
+    assert _valid_per_round(third, 2) == [9, 9, 8]
+    done = _keys(first) + _keys(second) + _keys(third)
+    assert len(done) == len(set(done)) and sorted(done) == sorted(ALL)
+    assert all(lo.epoch == 1 for lo in loaders)

@@ -11,29 +11,48 @@ Design
    permuted by (seed, e), consecutive shards grouped until a group holds
    `shuffle_buffer` samples, each group's samples permuted by (seed, e, group). The
    order depends on the dataset's index.json, seed, epoch and shuffle_buffer only,
-   never on world size or worker count. A sample's place in it is its *position*.
+   never on world size or worker count. A sample's place in it is its *position*;
+   every batch carries its slots' `positions` and `epoch`, so per-sample randomness
+   derived from (seed, epoch, position) is the same at any world size.
 2. State. What has been delivered is a set of positions of the current epoch, kept as
-   a few [start, stop) ranges (`plan.Intervals`), plus the epoch, seed, shuffle_buffer
-   and a fingerprint of the shard list. A position is recorded in the main process when
-   its batch is handed to the training step (not when a DataLoader worker produced it,
-   so prefetched batches are never counted), padding is never recorded.
-3. Assignment. At the start of a pass the not-yet-delivered positions are numbered
-   0..R-1 ("remaining index"). Rank r of W takes a contiguous, balanced run of them
-   (`plan.Split`), and every rank yields the same number of batches:
-     - uneven="drop": only whole rounds of W * micro_batch_size are dealt; the at most
-       W * B - 1 samples at the end of the epoch's order are not delivered in this
-       epoch (they are different samples every epoch since the order is reshuffled);
-     - uneven="pad": all R are dealt; a rank's last batch is filled with repeats of its
-       own samples whose `valid` entry is False, so the step can mask them.
-   Each DataLoader worker takes a contiguous run of its rank's batches, so a worker
-   reads one region of the order and every shard is fetched about once per epoch.
-4. Checkpoint. Each rank knows only its own deliveries, so the training loop gathers
-   `state_dict()` from every rank (taken at the same step) and stores
-   `LatentLoader.merge_states(states)`: the union of delivered positions. A loader at
-   any (rank, world size, worker count) built from it recomputes the same order,
-   removes the delivered positions and deals the rest: every remaining sample of the
-   epoch is delivered exactly once, then the next epoch starts with the config's seed
-   and shuffle_buffer (the resumed epoch keeps the ones it started with).
+   sorted [start, stop) ranges (`plan.Intervals`, numpy arrays), plus the epoch, seed,
+   shuffle_buffer and a fingerprint of the shard list. A position is recorded in the
+   main process when its batch is handed to the training step (not when a DataLoader
+   worker produced it, so prefetched batches are never counted); padding is never recorded.
+3. Rounds. At the start of a pass the not-yet-delivered positions are numbered 0..R-1
+   ("remaining index"). They are dealt in rounds of G = `round_size` samples (default
+   W x micro_batch_size; e.g. the global batch of one optimizer step): rank r of W takes
+   G // W of each round (+1 for r < G % W) in `micro_batches_per_round` micro-batches of
+   at most micro_batch_size, the same count on every rank (`plan.Split`). Rank r owns
+   one contiguous run of remaining indices holding its share of every round.
+     - uneven="drop": only whole rounds are dealt; the fewer than G samples at the end
+       of the epoch's order are not delivered in this epoch (they are different samples
+       every epoch since the order is reshuffled);
+     - uneven="pad": all R are dealt; the last round's samples are spread evenly over
+       the ranks and its other slots hold repeats of the rank's own samples whose
+       `valid` entry is False, so the step can mask them.
+4. Units. A rank's rounds are cut into contiguous runs, one per DataLoader worker (at
+   least two: a single reader alternates between two), and each unit reads its run in
+   order, so a worker reads one region of the order and every shard is fetched about
+   once per epoch. A DataLoader item is one whole round, so any `micro_batches_per_round`
+   consecutive micro-batches from the start of a pass are one round: a step of that many
+   holds exactly G samples across ranks (the padding of a padded pass sits in the
+   round each rank delivers last). A resume leaves the remaining positions in pieces
+   (fragments); `plan.RankPlan` keeps their number bounded by ranks x units over any
+   number of resumes: unit boundaries snap to fragment starts and each unit starts
+   reading at the first fragment start it holds (rotation), so interrupted progress
+   eats fragments from their heads instead of cutting new holes. Snapping may leave a
+   rank fewer units than workers in a pass; it then runs that many workers.
+5. Checkpoint. Each rank knows only its own deliveries, so a checkpoint stores
+   `LatentLoader.merge_states(states)` of every rank's state taken at the same step.
+   The cheap way: rank 0's full `state_dict()` plus every other rank's
+   `state_dict(own_only=True)` (only what that rank delivered since its loader was
+   built, so the gathered bytes do not grow with the restored set); full states from
+   every rank work too. The merge is one sort of all ranges. A loader at any (rank, world
+   size, round size, worker count) built from the merged state recomputes the same
+   order, removes the delivered positions and deals the rest: every remaining sample of
+   the epoch is delivered exactly once, then the next epoch starts with the config's
+   seed and shuffle_buffer (the resumed epoch keeps the ones it started with).
 
 Passes and epochs: `for batch in loader` yields this rank's remaining batches of the
 current epoch and stops; the epoch then advances and iterating again runs the next one.
@@ -51,19 +70,23 @@ Speed: shards are read whole in one GET (on S3 a presigned GET into one buffer, 
 `shardio.ShardFetcher`), decoding is zero-copy, batches are collated in the workers
 straight into one shared-memory float32 buffer, so only ready batches cross the
 process boundary, and each worker fetches its next shards on background threads while
-it collates. A worker holds at most one shuffle group's shards plus two read ahead.
+it collates. A unit holds at most one shuffle group's shards plus two read ahead.
 Workers persist from one epoch to the next when a pass ran to its end (`close()` stops
 them). `wait_seconds` is the time the training step spent blocked on the loader.
 
-Batch (B = micro_batch_size): latents float32 [B, F, C, h, w]; image_latents float32
-[B, C, h, w] (frame `image_frame`); text_states float32 [B, L, D] when the shards have
-text and `data.text`; valid bool [B]; captions list[str]; keys list[str].
+Batch (b slots, b <= micro_batch_size; b == micro_batch_size for the default round
+size, else it may differ between ranks and micro-batches): latents float32
+[b, F, C, h, w]; image_latents float32 [b, C, h, w] (frame `image_frame`); text_states
+float32 [b, L, D] when the shards have text and `data.text`; valid bool [b]; positions
+int64 [b] (padding repeats a real sample's position); epoch int; captions list[str];
+keys list[str].
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -84,7 +107,7 @@ from data_tools.shards import read_index
 from trip import storage
 from trip.config import DataConfig
 from trip.data import shardio
-from trip.data.plan import EpochOrder, Intervals, Split
+from trip.data.plan import EpochOrder, Intervals, RankPlan, Split, units_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +135,7 @@ class _Pass:
     remaining: list[list[int]]
     split: Split
     rank: int
+    units: int  # units this rank's pass is cut into (plan.RankPlan)
     latent_shape: tuple[int, ...]
     text_shape: tuple[int, ...] | None
     image_frame: int
@@ -126,9 +150,9 @@ class _Shard:
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor, in shared memory inside a worker so the hand-off copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if get_worker_info() is None or nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
 
 
@@ -141,7 +165,7 @@ def _fresh_epoch(job: _Pass, epochs_later: int, seed: int, shuffle_buffer: int) 
 
 
 class _PassStream(IterableDataset):
-    """Yields this worker's ready-made batches of one pass (DataLoader batch_size=None).
+    """Yields this worker's ready-made rounds of one pass (DataLoader batch_size=None).
 
     Workers persist across passes: the k-th time a worker iterates this dataset it runs
     the epoch k epochs after the first job's, from its start. The main process reuses the
@@ -155,7 +179,7 @@ class _PassStream(IterableDataset):
     def pass_job(self, k: int) -> _Pass:
         return self.job if k == 0 else _fresh_epoch(self.job, k, self.seed, self.shuffle_buffer)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         job = self.pass_job(self.passes)
@@ -176,21 +200,39 @@ def _fetcher(url: str, retries: int) -> shardio.ShardFetcher:
     return _FETCHERS[key]
 
 
-def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-    batches = job.split.worker_batches(worker, num_workers)
-    if not batches:
+def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[list[dict[str, Any]]]:
+    """This worker's rounds (each a list of `accum` micro-batches, one DataLoader item, so
+    the step always gets whole rounds): one unit each when there are as many workers as
+    busy units, else (a single reader) all units, taking turns round by round as
+    DataLoader workers do."""
+    plan = RankPlan(Intervals(job.remaining), job.split, job.rank, job.units)
+    units = [u for u, unit in enumerate(plan.units) if unit.batches][worker::num_workers]
+    if not units:
         return
-    bsz = job.split.batch_size
-    idx, valid = job.split.batch_indices(job.rank, batches)
-    positions = Intervals(job.remaining).at(idx)
     order = EpochOrder(job.shard_sizes, seed=job.seed, epoch=job.epoch, shuffle_buffer=job.shuffle_buffer)
-    shard, ordinal = order.locate(positions)
-    shard, ordinal = shard.reshape(-1, bsz), ordinal.reshape(-1, bsz)
-    positions, valid = positions.reshape(-1, bsz), valid.reshape(-1, bsz)
-    needed = list(dict.fromkeys(shard.ravel().tolist()))  # in order of first use
-    rank_of = {s: i for i, s in enumerate(needed)}
-    last_use = {int(s): j for j, row in enumerate(shard) for s in row}
     fetcher = _fetcher(job.urls[0], job.retries)
+    accum = job.split.accum
+    streams = [_unit_batches(job, plan, u, order, fetcher) for u in units]
+    while streams:
+        for stream in list(streams):
+            rounds = list(itertools.islice(stream, accum))
+            if rounds:
+                yield rounds
+            else:
+                streams.remove(stream)
+
+
+def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
+                  fetcher: shardio.ShardFetcher) -> Iterator[dict[str, Any]]:
+    """One unit's micro-batches in its delivery order, shards fetched ahead on threads."""
+    idx, valid = plan.slots(unit)
+    positions = plan.remaining.at(idx)
+    shard, ordinal = order.locate(positions)
+    sizes = plan.batch_sizes(unit)
+    cuts = np.concatenate(([0], np.cumsum(sizes))).tolist()
+    needed = list(dict.fromkeys(shard.tolist()))  # in order of first use
+    rank_of = {s: i for i, s in enumerate(needed)}
+    last_use = dict(zip(shard.tolist(), np.repeat(np.arange(sizes.size), sizes).tolist()))
     loaded: dict[int, Future[_Shard]] = {}
     submitted = 0
 
@@ -207,21 +249,22 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[dict[str, An
         return _Shard(samples, error)
 
     with ThreadPoolExecutor(max_workers=max(1, _LOOKAHEAD)) as pool:
-        for j in range(shard.shape[0]):
-            row_shards = list(dict.fromkeys(shard[j].tolist()))
-            upto = max(rank_of[s] for s in row_shards) + _LOOKAHEAD
+        for j in range(sizes.size):
+            rows = slice(cuts[j], cuts[j + 1])
+            row_shards = list(dict.fromkeys(shard[rows].tolist()))
+            upto = max((rank_of[s] for s in row_shards), default=-1) + _LOOKAHEAD
             while submitted < min(upto + 1, len(needed)):
                 loaded[needed[submitted]] = pool.submit(load, needed[submitted])
                 submitted += 1
-            rows = [(loaded[int(s)].result(), int(s), int(o)) for s, o in zip(shard[j], ordinal[j])]
-            yield _collate(job, rows, positions[j], valid[j])
+            slots = [(loaded[s].result(), s, o) for s, o in zip(shard[rows].tolist(), ordinal[rows].tolist())]
+            yield _collate(job, slots, positions[rows], valid[rows])
             for s in row_shards:
                 if last_use[s] == j:
                     del loaded[s]
 
 
-def _identity(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch  # batches are collated in the worker already; skip DataLoader's default_convert
+def _identity(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batches  # batches are collated in the worker already; skip DataLoader's default_convert
 
 
 def _layout(job: _Pass, bsz: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -270,7 +313,7 @@ def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndar
                     corrupt.append((job.names[s], key, str(e)))
             keys.append(key)
     views["image_latents"].copy_(latents[:, job.image_frame])
-    return {"_buffer": buffer, "valid": ok, "captions": captions, "keys": keys,
+    return {"_buffer": buffer, "valid": ok, "captions": captions, "keys": keys, "positions": positions.copy(),
             "_positions": positions[valid].tolist(), "_corrupt": corrupt}
 
 
@@ -315,17 +358,21 @@ def _fingerprint(index: dict[str, Any]) -> str:
 class LatentLoader:
     """Exactly-once streaming loader over a latent dataset for one rank (see module docstring).
 
-    `for batch in loader` yields this rank's remaining batches of the current epoch;
-    `state_dict()` describes what this rank delivered; `merge_states` joins all ranks'.
+    `for batch in loader` yields this rank's remaining micro-batches of the current epoch;
+    `round_size` is the number of samples per round across all ranks (None: world_size x
+    micro_batch_size); `state_dict()` describes what this rank delivered; `merge_states`
+    joins all ranks'.
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: dict[str, Any] | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, round_size: int | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         if not cfg.dataset:
             raise ValueError("data.dataset is empty: set it to the dataset prefix holding index.json")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.round_size = round_size
+        self._units = units_per_rank(cfg.num_workers)
         self.index = storage.retry(lambda: read_index(cfg.dataset), attempts=cfg.retries + 1,
                                    what=f"reading {storage.join(cfg.dataset, 'index.json')}",
                                    retry_on=(OSError,))
@@ -340,12 +387,14 @@ class LatentLoader:
             raise ValueError(f"data.image_frame={cfg.image_frame} is outside the {self._latent_shape[0]} "
                              f"frames of {cfg.dataset}")
         self._dataset_id = _fingerprint(self.index)
-        self.batches_per_epoch = self._split(self.num_samples).num_batches
+        whole = self._split(self.num_samples)  # raises if round_size < world_size
+        self.batches_per_epoch = whole.num_batches
+        self.micro_batches_per_round = whole.accum
         if self.batches_per_epoch == 0:
+            what = "world_size x micro_batch_size" if round_size is None else "round_size"
             raise ValueError(
-                f"{cfg.dataset} has {self.num_samples} samples, fewer than world_size x "
-                f"micro_batch_size = {world_size * cfg.micro_batch_size}: no rank would get a batch "
-                f"(use data.uneven='pad' or a smaller batch)")
+                f"{cfg.dataset} has {self.num_samples} samples, fewer than {what} = {whole.per_round}: "
+                f"no rank would get a batch (use data.uneven='pad' or a smaller batch)")
         self.wait_seconds = 0.0  # time the consumer spent blocked on this loader
         self.corrupt_samples = 0  # corrupt samples met (all passes), for the metrics module
         self.delivered_samples = 0  # valid samples handed to the training step (all passes)
@@ -358,41 +407,60 @@ class LatentLoader:
     def _restore(self, state: dict[str, Any] | None) -> None:
         self.epoch, self._seed, self._buffer = 0, self.cfg.seed, self.cfg.shuffle_buffer
         self._consumed = Intervals()
+        self._own = Intervals()  # delivered by this loader in its current epoch (own_only states)
+        self._restored_epoch = 0
         if not state:
             return
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("own_only"):
+            raise ValueError("this loader state holds one rank's own deliveries only; resume from "
+                             "LatentLoader.merge_states([a full state, own_only states...])")
         if state.get("dataset") != self._dataset_id or state.get("num_samples") != self.num_samples:
             raise ValueError(
                 f"loader state belongs to another dataset (fingerprint {state.get('dataset')}, "
                 f"{state.get('num_samples')} samples) than {self.cfg.dataset} ({self._dataset_id}, "
                 f"{self.num_samples} samples): resuming would not be exactly-once")
         consumed = Intervals(state["consumed"])
-        if consumed.ranges and consumed.ranges[-1][1] > self.num_samples:
+        if consumed.num_ranges and consumed.ends[-1] > self.num_samples:
             raise ValueError("loader state has positions beyond the dataset's sample count")
         self.epoch, self._seed, self._buffer = int(state["epoch"]), int(state["seed"]), int(state["shuffle_buffer"])
         self._consumed = consumed
+        self._restored_epoch = self.epoch
         self._exhausted = bool(state.get("exhausted", False))
 
-    def state_dict(self) -> dict[str, Any]:
-        """What this rank has delivered to the training step (JSON-serialisable, small)."""
-        return {
+    def state_dict(self, own_only: bool = False) -> dict[str, Any]:
+        """What has been delivered to the training step (JSON-serialisable, small).
+
+        Full (default): every position of the current epoch delivered before the restore
+        or since, by this rank. own_only=True: only what this loader delivered since it was
+        built (in its current epoch), marked so together with the epoch it was restored
+        at; cheap to gather from every rank, and `merge_states` completes it with one full
+        state.
+        """
+        state = {
             "version": STATE_VERSION,
             "dataset": self._dataset_id,
             "num_samples": self.num_samples,
             "epoch": self.epoch,
             "seed": self._seed,
             "shuffle_buffer": self._buffer,
-            "consumed": self._consumed.to_list(),
+            "consumed": (self._own if own_only else self._consumed).to_list(),
             "exhausted": self._exhausted,
         }
+        if own_only:
+            state.update(own_only=True, restored_epoch=self._restored_epoch)
+        return state
 
     @staticmethod
     def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-        """One global state from every rank's `state_dict()` taken at the same step.
+        """One global full state from every rank's `state_dict()` taken at the same step.
 
         The result resumes at any (rank, world size, worker count). Ranks one epoch behind
-        are accepted only if they had delivered all their batches of that epoch.
+        are accepted only if they had delivered all their batches of that epoch. The states
+        may be full or own_only; the positions delivered before the restore come from the
+        full ones, so at least one full state is needed unless every own_only state has
+        moved past the epoch it was restored at. O(R log R) in the ranges given.
         """
         if not states:
             raise ValueError("merge_states needs at least one state")
@@ -408,22 +476,27 @@ class LatentLoader:
         for key in ("seed", "shuffle_buffer"):
             if len({s[key] for s in current}) != 1:
                 raise ValueError(f"loader states of epoch {top} disagree on {key!r}")
-        consumed = Intervals()
-        for s in current:
-            consumed = consumed.union(Intervals(s["consumed"]))
-        merged = dict(current[0])
+        # an own_only state lacks what was delivered before its restore, unless its epoch began after it
+        if not any(not s.get("own_only") or int(s["epoch"]) > int(s["restored_epoch"]) for s in current):
+            raise ValueError(
+                f"the {len(current)} loader states of epoch {top} are all own_only states of the epoch they "
+                f"were restored at: their union misses the positions delivered before the restore; pass one "
+                f"full state_dict() (e.g. rank 0's) with them")
+        consumed = Intervals.union_all(Intervals(s["consumed"]) for s in current)
+        merged = {k: v for k, v in current[0].items() if k not in ("own_only", "restored_epoch")}
         merged.update(consumed=consumed.to_list(), exhausted=all(bool(s.get("exhausted")) for s in current))
         return merged
 
     # ------------------------------------------------------------------ passes
     def _split(self, remaining: int) -> Split:
-        return Split(remaining=remaining, world_size=self.world_size,
-                     batch_size=self.cfg.micro_batch_size, pad=self.cfg.uneven == "pad")
+        return Split(remaining=remaining, world_size=self.world_size, batch_size=self.cfg.micro_batch_size,
+                     pad=self.cfg.uneven == "pad", round_size=self.round_size)
 
     def _advance_epoch(self) -> None:
         self.epoch += 1
         self._seed, self._buffer = self.cfg.seed, self.cfg.shuffle_buffer
         self._consumed = Intervals()
+        self._own = Intervals()
         self._exhausted = False
 
     def _current_split(self) -> tuple[Intervals, Split]:
@@ -431,7 +504,7 @@ class LatentLoader:
         while True:
             remaining = self._consumed.complement(self.num_samples)
             split = self._split(len(remaining))
-            if split.num_batches > 0 or not self._consumed.ranges:
+            if split.num_batches > 0 or self._consumed.num_ranges == 0:
                 return remaining, split
             self._advance_epoch()
 
@@ -443,16 +516,17 @@ class LatentLoader:
         remaining, split = self._current_split()
         job = _Pass(urls=self._urls, names=self._names, shard_sizes=self._sizes, seed=self._seed,
                     epoch=self.epoch, shuffle_buffer=self._buffer, remaining=remaining.to_list(),
-                    split=split, rank=self.rank, latent_shape=self._latent_shape,
+                    split=split, rank=self.rank, units=self._units, latent_shape=self._latent_shape,
                     text_shape=self._text_shape, image_frame=self.cfg.image_frame, retries=self.cfg.retries)
+        # a worker per unit that has batches; snapping may leave fewer units than workers
+        busy = sum(1 for unit in RankPlan(remaining, split, self.rank, self._units).units if unit.batches)
         token = self._token = object()  # a newer pass makes this one stop
-        return self._run(job, token)
+        return self._run(job, min(self.cfg.num_workers, busy), token)
 
-    def _open_pass(self, job: _Pass) -> Iterator[dict[str, Any]]:
+    def _open_pass(self, job: _Pass, workers: int) -> Iterator[dict[str, Any]]:
         """An iterator over `job`'s batches: the live workers when their next pass is exactly
         `job` (the previous pass ran to its end and this one starts the following epoch),
         else fresh workers (first pass, resumed or interrupted epoch, other worker count)."""
-        workers = min(self.cfg.num_workers, job.split.num_batches)
         live = self._workers
         if live is not None and live["complete"] and live["num_workers"] == workers:
             stream: _PassStream = live["stream"]
@@ -463,9 +537,10 @@ class LatentLoader:
         pin = self.cfg.pin_memory and torch.cuda.is_available() and (
             self.device is None or self.device.type == "cuda")
         stream = _PassStream(job, self.cfg.seed, self.cfg.shuffle_buffer)
+        prefetch = -(-self.cfg.prefetch_factor // job.split.accum)  # items are rounds: keep the memory bound
         dataloader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
                                 pin_memory=pin, persistent_workers=workers > 0,
-                                prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                                prefetch_factor=prefetch if workers else None)
         it = iter(dataloader)
         self._workers = {"dataloader": dataloader, "iterator": it, "stream": stream, "passes": 1,
                          "num_workers": workers, "complete": False}
@@ -477,23 +552,25 @@ class LatentLoader:
             getattr(self._workers["iterator"], "_shutdown_workers", lambda: None)()
             self._workers = None
 
-    def _run(self, job: _Pass, token: object) -> Iterator[dict[str, Any]]:
+    def _run(self, job: _Pass, workers: int, token: object) -> Iterator[dict[str, Any]]:
         split = job.split
         budget = self.cfg.max_corrupt_fraction * (split.stop(self.rank) - split.start(self.rank))
         bad_shards: Counter[str] = Counter()
-        layout = _layout(job, split.batch_size)
         self._exhausted = False
-        it = self._open_pass(job)
+        it = self._open_pass(job, workers)
+        pending: list[dict[str, Any]] = []  # the rest of the round being handed out
         done = False
         try:
             for n in range(split.num_batches):
                 if self._token is not token:  # a newer pass took over
                     return
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                self.wait_seconds += time.perf_counter() - t0
-                if batch is None:
+                if not pending:
+                    t0 = time.perf_counter()
+                    pending = next(it, None) or []
+                    self.wait_seconds += time.perf_counter() - t0
+                if not pending:
                     raise RuntimeError(f"loader pass ended after {n} of {split.num_batches} batches")
+                batch = pending.pop(0)
                 for shard, key, why in batch.pop("_corrupt"):
                     log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, why)
                     bad_shards[shard] += 1
@@ -504,8 +581,11 @@ class LatentLoader:
                         f"data.max_corrupt_fraction={self.cfg.max_corrupt_fraction} of the "
                         f"{split.stop(self.rank) - split.start(self.rank)} samples dealt to it; "
                         f"shards: {dict(bad_shards)}")
-                self._consumed.add(batch.pop("_positions"))
-                batch = self._unpack(batch, layout)
+                delivered = batch.pop("_positions")
+                self._consumed.add(delivered)
+                self._own.add(delivered)
+                batch = self._unpack(batch, _layout(job, len(batch["valid"])))
+                batch["epoch"] = job.epoch
                 self.delivered_samples += int(batch["valid"].sum())
                 self._exhausted = n == split.num_batches - 1
                 yield self._to_device(batch)
@@ -524,6 +604,7 @@ class LatentLoader:
     def _unpack(raw: dict[str, Any], layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
         batch: dict[str, Any] = _views(raw.pop("_buffer"), layout)
         batch["valid"] = torch.tensor(raw.pop("valid"), dtype=torch.bool)
+        batch["positions"] = torch.from_numpy(raw.pop("positions"))
         batch.update(raw)
         return batch
 
