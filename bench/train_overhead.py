@@ -1,5 +1,4 @@
-"""What the training stack costs on top of bare DeepSpeed, and what a checkpoint costs on
-top of moving its bytes.
+"""What the training stack costs on top of bare DeepSpeed.
 
 1. Step time of the full stack (`pipelines.train.run_training`: Ray Train workers, the
    streaming loader over local shards, metrics, EMA) against a bare DeepSpeed ZeRO-3 loop
@@ -21,8 +20,8 @@ top of moving its bytes.
    machine) the ranks saturate the CPUs and that background load takes time from a rank.
    With one rank and a core left over, it runs beside the rank, as it does on a GPU node
    whose CPUs are not the bottleneck.
-2. Checkpoint: save + upload seconds of the stack (DeepSpeed files, gathered weights and
-   EMA, report to Ray, into a moto S3 server) against a raw s3fs put of the same bytes.
+(What a checkpoint costs the training step, against a raw put of its bytes, and what a
+resume reads per rank: `bench.checkpoint_io`.)
 
     python -m bench.train_overhead [--steps 40] [--workers 2 1] [--rounds 3]
 """
@@ -161,7 +160,6 @@ def stack_run(workers: int, steps: int, workdir: str, bucket: str, tag: str = ""
     import ray
 
     from pipelines.train import run_training
-    from trip import storage
     from trip.config import load_config
     from trip.data.synth import write_synthetic_dataset
 
@@ -179,24 +177,12 @@ def stack_run(workers: int, steps: int, workdir: str, bucket: str, tag: str = ""
             res = run_training(cfg)
     finally:
         ray.shutdown()
-    summary = json.loads(storage.read_bytes(res.summary))
-    meta = json.loads(storage.read_bytes(storage.join(res.checkpoint, "trip_checkpoint.json")))
-    ends = [h["time"] for h in meta["history"]]
+    assert res.steps == steps, res
+    from trip.train.checkpoint import RunDir
+
+    ends = [h["time"] for h in RunDir(cfg.run.storage_path, cfg.run.name).history()]
     return {"step_seconds": _steady([b - a for a, b in zip(ends, ends[1:])]),
-            "save_seconds": summary["checkpoint_save_seconds"][-1], "checkpoint": res.checkpoint,
             "background_cores": cpu.background_cores()}
-
-
-def raw_put_seconds(checkpoint: str) -> tuple[float, int]:
-    """s3fs put of a blob as large as the checkpoint, file by file like the stack does."""
-    from trip import storage
-
-    fs, root = storage.filesystem(checkpoint)
-    blobs = [os.urandom(fs.info(p)["size"]) for p in fs.find(root)]  # made before the clock starts
-    t0 = time.perf_counter()
-    for i, blob in enumerate(blobs):
-        fs.pipe_file(f"{root}-raw/{i}", blob)
-    return time.perf_counter() - t0, sum(len(b) for b in blobs)
 
 
 ARMS = ("torchrun", "ray_bare", "stack")
@@ -205,7 +191,7 @@ ARMS = ("torchrun", "ray_bare", "stack")
 def measure(workers: int, steps: int, rounds: int, work: str, bucket: str) -> dict[str, list]:
     """`rounds` rounds of the three arms, each round in a rotated order so that no arm always
     runs first (or right after Ray's shutdown). Returns per-arm lists over rounds."""
-    got: dict[str, list] = {k: [] for k in (*ARMS, *(f"bg_{a}" for a in ARMS), "save", "raw_put", "checkpoint_mb")}
+    got: dict[str, list] = {k: [] for k in (*ARMS, *(f"bg_{a}" for a in ARMS))}
     for r in range(rounds):
         for arm in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
             if arm == "torchrun":
@@ -215,10 +201,6 @@ def measure(workers: int, steps: int, rounds: int, work: str, bucket: str) -> di
             else:
                 res = stack_run(workers, steps, work, bucket, tag=f"-r{r}")
                 seconds, bg = res["step_seconds"], res["background_cores"]
-                got["save"].append(res["save_seconds"])
-                raw, nbytes = raw_put_seconds(res["checkpoint"])
-                got["raw_put"].append(raw)
-                got["checkpoint_mb"].append(nbytes / 1e6)
             got[arm].append(seconds)
             got[f"bg_{arm}"].append(bg)
             print(f"[train_overhead] {workers} worker(s), round {r + 1}/{rounds}: {arm} {seconds:.3f} s/step, "
@@ -265,10 +247,6 @@ def main(steps: int = 40, workers: tuple[int, ...] = (2, 1), rounds: int = 3) ->
                     f"    background CPU besides the ranks (cores of {cores}): torchrun "
                     f"{med(got['bg_torchrun']):.3f}, Ray Train bare {med(got['bg_ray_bare']):.3f}, "
                     f"full stack {med(got['bg_stack']):.3f}")
-                if n == workers[0]:
-                    print(f"checkpoint: {med(got['checkpoint_mb']):.1f} MB")
-                    rows.append(row("train_overhead", "checkpoint save+upload seconds", med(got["save"]),
-                                    "raw s3fs put, same bytes", med(got["raw_put"])))
     finally:
         server.stop()
     print("steps/s ratios (target: full stack / torchrun >= 0.95):")

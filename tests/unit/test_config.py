@@ -47,15 +47,25 @@ def test_set_overrides_are_parsed_as_yaml_and_applied():
     assert cfg.train.max_steps == 7 and cfg.model.fusion.mode == "linear" and cfg.run.name == "x"
 
 
-def test_indivisible_global_batch_is_rejected_for_every_elastic_world_size():
-    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by .* 4 x 3"):
-        load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=3"])
+def test_global_batch_needs_one_sample_per_rank_at_the_largest_world_size():
+    with pytest.raises(ConfigError, match=r"global_batch_size=2 is smaller than the largest world size 3"):
+        load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=3", "train.global_batch_size=2"])
 
 
-def test_grad_accum_keeps_the_global_batch_when_world_size_changes():
-    cfg = load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=2"])
-    assert cfg.grad_accum_steps(2) * 2 * cfg.data.micro_batch_size == cfg.train.global_batch_size
-    assert cfg.grad_accum_steps(1) * 1 * cfg.data.micro_batch_size == cfg.train.global_batch_size
+def test_any_world_size_trains_the_exact_global_batch():
+    # 8 samples per step need not divide by 3 ranks x 4 per micro-batch any more: 3+3+2 in one micro-batch
+    cfg = load_config(TINY, ["scaling.min_workers=1", "scaling.max_workers=3"])
+    assert [cfg.grad_accum_steps(w) for w in (1, 2, 3)] == [2, 1, 1]
+    for w in (1, 2, 3):  # the largest share fits in accum micro-batches of at most micro_batch_size
+        assert -(-cfg.train.global_batch_size // w) <= cfg.grad_accum_steps(w) * cfg.data.micro_batch_size
+
+
+def test_paper_config_is_valid_for_an_elastic_448_to_512_gpu_run():
+    cfg = load_config(CONFIGS / "base_256.yaml")
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (448, 512)
+    for w in (448, 480, 512):
+        share = -(-cfg.train.global_batch_size // w)
+        assert share <= cfg.grad_accum_steps(w) * cfg.data.micro_batch_size
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

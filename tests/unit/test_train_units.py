@@ -1,10 +1,11 @@
 """Training pieces that need no Ray workers: DeepSpeed config, LR schedule, checkpoint
-completeness and fallback, export, the metrics exporter, and config validation."""
+layout, completeness, commit and retention, per-sample draws, export, the metrics exporter,
+and config validation."""
 
 from __future__ import annotations
 
 import json
-import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -49,76 +50,177 @@ def test_lr_warmup_then_cosine_to_min_ratio():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def _fake_checkpoint(root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
-    """A checkpoint directory with the files a 2-rank ZeRO-3 save writes (tiny contents)."""
-    from safetensors.torch import save_file
+def _fake_checkpoint(run_root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
+    """A committed checkpoint as `world` ZeRO-3 ranks write it: DeepSpeed files (dummy bytes),
+    per-rank weight and EMA partitions of the tiny model (EMA = weights + 1), the record."""
+    import math
 
     from trip.model import TRIPModel
+    from trip.train import partitions
 
     cfg = load_config(TINY)
-    model = TRIPModel(cfg.model, cfg.diffusion)
-    (root / ckpt.DS_TAG).mkdir(parents=True)
+    torch.manual_seed(step)
+    state = TRIPModel(cfg.model, cfg.diffusion).state_dict()
+    run = ckpt.RunDir(str(run_root.parent), run_root.name)
+    root = Path(storage_local(run.checkpoint_url(step)))
+    files = {}
     for r in range(world):
         for kind in ("model", "optim"):
-            (root / ckpt.DS_TAG / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt").write_bytes(b"x")
-        ckpt.write_json(str(root / "rng" / f"rank{r}.json"), ckpt.rng_state())
-    state = model.state_dict()
-    save_file(state, str(root / "weights.safetensors"))
-    save_file({k: v + 1 for k, v in state.items()}, str(root / "ema.safetensors"))
-    ckpt.write_json(str(root / ckpt.META_NAME), {
+            rel = f"{ckpt.DS_TAG}/zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(b"x" * (r + 1))
+            files[rel] = r + 1
+        for kind, shift in (("weights", 0.0), ("ema", 1.0)):
+            entries = []
+            for name, t in state.items():
+                s = math.ceil(t.numel() / world)
+                flat = torch.zeros(s * world)
+                flat[: t.numel()] = t.flatten() + shift
+                entries.append((name, flat[r * s:(r + 1) * s].clone(), t.numel(), tuple(t.shape), True))
+            rel = ckpt.partition_file(kind, r, world)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            partitions.write_partitions(str(root / rel), entries, rank=r, world_size=world, kind=kind)
+            files[rel] = (root / rel).stat().st_size
+    ckpt.write_json(str(root / ckpt.RECORD), {
         "format": ckpt.FORMAT, "step": step, "world_size": world, "config": cfg.to_dict(),
-        "files": ckpt.expected_files(world, True)})
+        "config_hash": cfg.hash(), "loader": None, "files": files})
     if not complete:  # rank 1's upload never arrived
-        os.remove(root / ckpt.DS_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        (root / f"{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     return root
 
 
-def test_torn_checkpoint_is_rejected_and_the_previous_one_used(tmp_path):
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
+def storage_local(url: str) -> str:
+    from trip import storage
 
-    run = tmp_path / "run"
-    good = _fake_checkpoint(run / "checkpoint_2026-01-01_00-00-01.000000", step=2)
-    torn = _fake_checkpoint(run / "checkpoint_2026-01-01_00-00-02.000000", step=4, complete=False)
-    assert ckpt.read_meta(str(good))["step"] == 2
-    assert ckpt.read_meta(str(torn)) is None
-    fs = pafs.LocalFileSystem()
-    chosen = ckpt.find_resume_checkpoint(Checkpoint(path=str(torn), filesystem=fs))
-    assert Path(chosen.path) == good
-    assert ckpt.find_resume_checkpoint(Checkpoint(path=str(good), filesystem=fs)).path == str(good)
+    return storage.local_path(url)
+
+
+def test_torn_checkpoint_is_skipped_and_the_previous_one_used(tmp_path):
+    run_root = tmp_path / "runs" / "r"
+    _fake_checkpoint(run_root, step=2)
+    torn = _fake_checkpoint(run_root, step=4, complete=False)
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    assert run.steps() == [2, 4]
+    rec, why = run.check(4)
+    assert rec is None and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in why
+    assert run.latest().step == 2
+    # a file of the right name but the wrong size (a truncated copy) is not complete either
+    (torn / f"{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    assert run.check(4)[0] is None
+    (torn / f"{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"xx")
+    assert run.latest().step == 4
     # no complete checkpoint at all: start from scratch rather than load a broken one
-    os.remove(good / "rng" / "rank0.json")
-    assert ckpt.find_resume_checkpoint(Checkpoint(path=str(torn), filesystem=fs)) is None
+    for step in (2, 4):
+        (Path(storage_local(run.checkpoint_url(step))) / ckpt.RECORD).unlink()
+    assert run.latest() is None
 
 
-def test_rng_state_roundtrip_through_json():
-    import random
+def test_completeness_is_a_lookup_per_file():
+    expected = {f"ds/zero_pp_rank_{r}_x.pt": 10 for r in range(512)} | {"ema/a": 3}
+    present = dict(expected)
+    assert ckpt.missing_files(expected, present) == []
+    del present["ds/zero_pp_rank_7_x.pt"]
+    present["ema/a"] = 2
+    assert sorted(ckpt.missing_files(expected, present)) == ["ds/zero_pp_rank_7_x.pt", "ema/a"]
 
-    import numpy as np
 
-    state = json.loads(json.dumps(ckpt.rng_state()))
-    a = (torch.rand(3), np.random.rand(), random.random())
-    ckpt.set_rng_state(state)
-    b = (torch.rand(3), np.random.rand(), random.random())
-    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+def test_own_files_are_a_ranks_zero_files_and_ema_slice_only(tmp_path):
+    _fake_checkpoint(tmp_path / "runs" / "r", step=2, world=3)
+    rec = ckpt.RunDir(str(tmp_path / "runs"), "r").latest().record
+    assert sorted(ckpt.own_files(rec, 1)) == [
+        "ds/zero_pp_rank_1_mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ckpt.partition_file("ema", 1, 3)]
+
+
+def test_retention_keeps_the_newest_complete_and_drops_older_torn_ones(tmp_path):
+    run_root = tmp_path / "runs" / "r"
+    for step, ok in ((2, True), (4, False), (6, True), (8, True), (10, False)):
+        _fake_checkpoint(run_root, step=step, complete=ok)
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    assert run.retain(2) == [2, 4]
+    assert run.steps() == [6, 8, 10]  # a torn checkpoint newer than the last complete one may be in flight
+
+
+def test_commit_waits_until_every_listed_file_is_in_storage(tmp_path):
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "a").write_bytes(b"aaaa")
+    record = {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": {"ds/a": 4, "ds/b": 2}}
+    writer = ckpt.CheckpointWriter(run, commit_timeout_s=30)
+    writer.submit(2, str(staging), {"ds/a": str(staging / "a")}, record)  # rank 0's file only
+    rec_path = Path(storage_local(run.checkpoint_url(2))) / ckpt.RECORD
+    deadline = time.time() + 10
+    while not (Path(storage_local(run.checkpoint_url(2))) / "ds" / "a").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not rec_path.exists(), "committed before rank 1's file arrived"
+    assert run.latest() is None
+    other = tmp_path / "b"
+    other.write_bytes(b"bb")
+    run.put(str(other), "checkpoints/step-000000002/ds/b")  # "rank 1" finishes its upload
+    writer.wait()
+    assert json.loads(rec_path.read_text())["step"] == 2 and run.latest().step == 2
+    assert not staging.exists()  # the local copies are removed once uploaded
+    writer.close()
+
+
+def test_a_commit_that_never_completes_fails_loudly(tmp_path):
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    writer = ckpt.CheckpointWriter(run, commit_timeout_s=0.5)
+    writer.submit(2, str(staging), {}, {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": {"ds/b": 1}})
+    with pytest.raises(TimeoutError, match="not committed.*ds/b"):
+        writer.wait()
+    writer.close()
+
+
+def test_history_keeps_the_newest_row_of_a_step_trained_twice(tmp_path):
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    run.write_history(2, [{"step": 1, "loss": 1.0, "time": 1}, {"step": 2, "loss": 0.9, "time": 2}])
+    # an attempt that wrote its segment for step 4, then died before the commit ...
+    run.write_history(4, [{"step": 3, "loss": 9.0, "time": 3}, {"step": 4, "loss": 9.0, "time": 4}])
+    # ... and the next one, resumed at 2, checkpointed at 3 (preemption) and then at 6
+    run.write_history(3, [{"step": 3, "loss": 0.8, "time": 10}])
+    run.write_history(6, [{"step": s, "loss": 0.8 - s / 100, "time": 10 + s} for s in (4, 5, 6)])
+    rows = run.history()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[2]["loss"] == 0.8 and rows[3]["loss"] == pytest.approx(0.76)
+    assert [r["step"] for r in run.history(up_to=4)] == [1, 2, 3, 4]
+
+
+def test_sample_draws_depend_on_the_sample_not_on_its_batch():
+    from trip.diffusion import SampleDraws
+
+    draws = SampleDraws(seed=3, num_train_timesteps=1000, text_dropout=0.5)
+    t_a, n_a, k_a = draws(torch.tensor([5, 9, 11]), 2, (4, 2, 3, 3))
+    t_b, n_b, k_b = draws(torch.tensor([11, 5]), 2, (4, 2, 3, 3))  # another rank's batch, another order
+    assert torch.equal(n_a[0], n_b[1]) and torch.equal(n_a[2], n_b[0])
+    assert t_a[0] == t_b[1] and bool(k_a[2]) == bool(k_b[0])
+    assert not torch.equal(n_a[0], n_a[1])
+    t_c, n_c, _ = draws(torch.tensor([5]), 3, (4, 2, 3, 3))  # the next epoch draws anew
+    assert not torch.equal(n_c[0], n_a[0])
+    many = draws(torch.arange(400), 0, (1,))[2].float().mean()
+    assert 0.4 < float(many) < 0.6  # text kept with probability 1 - text_dropout
 
 
 def test_export_ema_or_raw_weights_to_a_sampleable_model(tmp_path):
     from trip.model import TRIPModel
     from trip.train.export import export_checkpoint
 
-    run = tmp_path / "run"
-    _fake_checkpoint(run / "checkpoint_2026-01-01_00-00-01.000000", step=2)
-    _fake_checkpoint(run / "checkpoint_2026-01-01_00-00-02.000000", step=4, complete=False)
-    used = export_checkpoint(str(run), str(tmp_path / "ema"))  # the run dir: newest complete one
-    assert used.endswith("00-00-01.000000")
+    run_root = tmp_path / "runs" / "r"
+    _fake_checkpoint(run_root, step=2)
+    _fake_checkpoint(run_root, step=4, complete=False)
+    used = export_checkpoint(str(run_root), str(tmp_path / "ema"))  # the run dir: newest complete one
+    assert used.endswith("step-000000002")
     export_checkpoint(used, str(tmp_path / "raw"), use_ema=False)
     ema, raw = TRIPModel.from_pretrained(str(tmp_path / "ema")), TRIPModel.from_pretrained(str(tmp_path / "raw"))
     name, p = next(iter(raw.state_dict().items()))
     assert torch.allclose(ema.state_dict()[name], p + 1)
     assert json.loads((tmp_path / "ema" / "config.json").read_text())["codec"]["kind"] == "lossless"
     with pytest.raises(ValueError, match="incomplete"):
-        export_checkpoint(str(run / "checkpoint_2026-01-01_00-00-02.000000"), str(tmp_path / "bad"))
+        export_checkpoint(str(run_root / "checkpoints" / "step-000000004"), str(tmp_path / "bad"))
 
 
 def test_exporter_serves_fixed_names_and_labels_only():
@@ -150,7 +252,7 @@ def test_exporter_serves_fixed_names_and_labels_only():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    (["train.global_batch_size=6"], "not divisible"),
+    (["train.global_batch_size=1"], "smaller than the largest world size"),
     (["train.no_such_key=1"], "no_such_key"),
     ([], "index.json"),
 ])

@@ -47,12 +47,24 @@ class TRIPOutput:
     reference: torch.Tensor  # image noise prior eps_ref
 
 
+def set_temporal_conv_dropout(module: nn.Module, p: float) -> None:
+    """diffusers builds every TemporalConvLayer with dropout 0.1 and no knob: set it here."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    for m in module.modules():
+        if isinstance(m, TemporalConvLayer):
+            for d in m.modules():
+                if isinstance(d, nn.Dropout):
+                    d.p = p
+
+
 class TRIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.diffusion_cfg = diffusion or DiffusionConfig()
         self.unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
+        set_temporal_conv_dropout(self.unet, cfg.temporal_conv_dropout)
         self.fusion = build_fusion(cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
         self.register_buffer("alphas_cumprod", alphas_cumprod_for(self.diffusion_cfg), persistent=False)
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -141,13 +153,17 @@ class TRIPModel(nn.Module):
         state = state_dict if state_dict is not None else self.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         with local_dir_for_upload(path) as local:
-            cfg = {**(extra or {}), **self.config_dict()}
-            cfg["model"] = dict(cfg["model"], pretrained_unet=None)  # weights are in this dir now
             tmp = os.path.join(local, f".{WEIGHTS_NAME}.tmp")
             save_file(state, tmp)
             os.replace(tmp, os.path.join(local, WEIGHTS_NAME))
-            with open(os.path.join(local, CONFIG_NAME), "w") as fh:
-                json.dump(cfg, fh, indent=2)
+            self.write_config(local, extra)
+
+    def write_config(self, local_dir: str, extra: dict | None = None) -> None:
+        """config.json of `save_pretrained`, for writers that produce model.safetensors themselves."""
+        cfg = {**(extra or {}), **self.config_dict()}
+        cfg["model"] = dict(cfg["model"], pretrained_unet=None)  # weights are in this dir now
+        with open(os.path.join(local_dir, CONFIG_NAME), "w") as fh:
+            json.dump(cfg, fh, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> TRIPModel:

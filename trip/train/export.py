@@ -1,75 +1,83 @@
 """`trip export`: a training checkpoint -> a TRIP model directory that `trip sample` loads.
 
-Reads only our own files (JSON + safetensors: the gathered weights or their EMA), never
-DeepSpeed's pickled optimizer state, and refuses a checkpoint whose file list is
-incomplete. Given a run directory instead of one checkpoint, takes its newest complete one.
+A checkpoint holds the weights and their EMA as per-rank partitions (one safetensors file
+per rank, see `trip.train.partitions`). Export consolidates them offline, tensor by tensor,
+so its peak memory is about one tensor, not the model: a 1.4B-parameter model exports on a
+machine that could not hold it twice. Only our own files are read (JSON + safetensors),
+never DeepSpeed's pickled optimizer state, and an incomplete checkpoint is refused. Given a
+run directory instead of one checkpoint, export takes its newest complete one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import tempfile
 from typing import Any
 
 from trip import storage
 from trip.train import checkpoint as ckpt
 
 
-def _listing(url: str) -> list[str]:
-    fs, root = storage.filesystem(url)
-    root = root.rstrip("/")
-    return [p[len(root) + 1:] for p in fs.find(root)]
-
-
-def _meta(url: str) -> dict[str, Any] | None:
-    meta_url = storage.join(url, ckpt.META_NAME)
-    if not storage.exists(meta_url):
-        return None
-    meta = json.loads(storage.read_bytes(meta_url))
-    return None if ckpt.missing_files(meta, _listing(url)) else meta
-
-
-def resolve(checkpoint: str) -> tuple[str, dict[str, Any]]:
-    """(checkpoint URL, meta): the checkpoint itself, or a run dir's newest complete one."""
-    if storage.exists(storage.join(checkpoint, ckpt.META_NAME)):
-        meta = _meta(checkpoint)
-        if meta is None:
-            raise ValueError(f"{checkpoint}: incomplete checkpoint (files missing; the save was interrupted)")
-        return checkpoint, meta
-    fs, root = storage.filesystem(checkpoint)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    best: tuple[int, str, dict[str, Any]] | None = None
-    for sub in fs.ls(root, detail=False):
-        name = sub.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("checkpoint_"):
-            url = storage.join(checkpoint, name)
-            meta = _meta(url)
-            if meta is not None and (best is None or meta["step"] > best[0]):
-                best = (meta["step"], url, meta)
-    if best is None:
-        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint ({ckpt.META_NAME} + all files) in it")
-    return best[1], best[2]
+def resolve(url: str) -> ckpt.Found:
+    """The checkpoint at `url`, or the newest complete checkpoint of the run directory `url`."""
+    run, step = ckpt.RunDir.of_checkpoint(url)
+    if step is not None:
+        rec, why = run.check(step)
+        if rec is None:
+            raise ValueError(f"{url}: incomplete checkpoint ({why}; the save was interrupted)")
+        return ckpt.Found(step, run.checkpoint_url(step), rec)
+    if not run.steps():
+        raise FileNotFoundError(f"checkpoint not found: {url} (neither a checkpoint nor a run directory with "
+                                f"checkpoints/step-*)")
+    found = run.latest()
+    if found is None:
+        raise FileNotFoundError(f"{url}: no complete checkpoint ({ckpt.RECORD} and all its files) in it")
+    return found
 
 
 def export_checkpoint(checkpoint: str, out: str, use_ema: bool = True) -> str:
     """Write `out` (config.json + model.safetensors); returns the checkpoint URL used."""
-    from safetensors.torch import load
+    import torch
 
     from trip.config import config_from_dict, to_dict
     from trip.model import TRIPModel
+    from trip.model.trip import WEIGHTS_NAME
+    from trip.train import partitions
 
-    url, meta = resolve(checkpoint)
-    cfg = config_from_dict(meta["config"], storage.join(url, ckpt.META_NAME))
-    name = "ema.safetensors" if use_ema and storage.exists(storage.join(url, "ema.safetensors")) \
-        else "weights.safetensors"
-    state = load(storage.read_bytes(storage.join(url, name)))
-    model = TRIPModel(cfg.model, cfg.diffusion)
-    model.load_state_dict(state, strict=True)  # names and shapes checked before anything is written
-    model.save_pretrained(out, state_dict=state, extra={"codec": to_dict(cfg.codec), "sample": to_dict(cfg.sample)})
-    print(f"[trip] exported {name} of step {meta['step']} from {url} -> {out}")
-    return url
+    found = resolve(checkpoint)
+    rec = found.record
+    cfg = config_from_dict(rec["config"], storage.join(found.url, ckpt.RECORD))
+    world = int(rec["world_size"])
+    kind = "ema" if use_ema and ckpt.partition_file("ema", 0, world) in rec["files"] else "weights"
+    rels = [ckpt.partition_file(kind, r, world) for r in range(world)]
+    run, _ = ckpt.RunDir.of_checkpoint(found.url)
+    with tempfile.TemporaryDirectory(prefix="trip-export-") as tmp:
+        run.download(found.step, rels, tmp)
+        files = [os.path.join(tmp, rel) for rel in rels]
+        with torch.device("meta"):  # names and shapes only: nothing allocated
+            model = TRIPModel(cfg.model, cfg.diffusion)
+        rank0 = partitions.read_partition_file(files[0])  # rank 0's file lists every tensor
+        _check_names({n: t.shape for n, t in rank0.tensors.items()}, model, found.url)
+        with storage.local_dir_for_upload(out) as local:
+            target = os.path.join(local, f".{WEIGHTS_NAME}.tmp")
+            partitions.consolidate(files, target, dtype=torch.float32, kind=kind)
+            os.replace(target, os.path.join(local, WEIGHTS_NAME))
+            model.write_config(local, extra={"codec": to_dict(cfg.codec), "sample": to_dict(cfg.sample)})
+    print(f"[trip] exported {kind} of step {found.step} from {found.url} -> {out}")
+    return found.url
+
+
+def _check_names(shapes: dict[str, Any], model: Any, where: str) -> None:
+    """The checkpoint's tensors are exactly the model's parameters, shape for shape."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v) for k, v in shapes.items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or unexpected or bad:
+        raise ValueError(f"{where}: checkpoint tensors do not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shape {bad[:3]}")
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -1,10 +1,22 @@
 """The per-worker training loop (one process per rank, inside a Ray Train worker).
 
-Order: find a complete checkpoint -> model -> DeepSpeed ZeRO engine (universal-checkpoint
-mode when the world size changed) -> restore weights, optimizer, EMA, RNG -> loader at its
-merged state -> steps. Per step there is no collective beyond DeepSpeed's own and metrics
-stay local. Every `checkpoint_every` steps (and at the end) every rank saves, then
-`ray.train.report` (a barrier) registers the checkpoint in storage.
+Order: rank 0 finds the newest complete checkpoint and tells the others -> loader at its
+saved position -> model -> DeepSpeed ZeRO engine -> each rank reads back only its own part
+of the checkpoint (or its slice of the universal conversion after a resize) -> steps.
+
+A step trains on exactly `train.global_batch_size` samples at any world size: the loader
+deals rank r its G // W (+1) samples in `accum` micro-batches, and each sample's loss is
+weighted W * accum / G, so that DeepSpeed's averages (over micro-batches and ranks) give
+the mean over the G samples. Noise, timestep and text dropout of a sample are drawn from
+(seed, epoch, position) (`trip.diffusion.SampleDraws`): the same at any world size. The
+model's own dropout draws from torch's generator, seeded per (step, rank, micro-batch).
+Nothing random depends on history, so no RNG state is checkpointed and a resumed run
+repeats the uninterrupted one exactly.
+
+Per step there is no collective beyond DeepSpeed's own and one one-element all-reduce
+(did any rank get SIGTERM, `trip.train.preemption`). Every `checkpoint_every` steps each
+rank writes its files locally and goes on training while they upload
+(`trip.train.checkpoint`); rank 0 commits the checkpoint once all files are in storage.
 
 `TRIP_TRAIN_DEBUG_DIR=<local dir>` makes each rank write `worker-rank<r>.json` (pid, world
 size, ZeRO partition fraction) and append the sample keys of every step to
@@ -17,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -40,15 +51,6 @@ def _log(rank: int, text: str, every_rank: bool = False) -> None:
         sys.stdout.flush()
 
 
-def default_output_dir(cfg: Config) -> str:
-    """Plots and summary: run.output_dir, else next to a local storage path, else ./outputs/runs."""
-    if cfg.run.output_dir:
-        return cfg.run.output_dir
-    if storage.is_url(cfg.run.storage_path):
-        return os.path.abspath(os.path.join("outputs", "runs", cfg.run.name))
-    return os.path.join(os.path.abspath(cfg.run.storage_path), cfg.run.name)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config["config"]` is the run config as a dict."""
     import ray.train
@@ -60,19 +62,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trainer.run()
 
 
+def _collective() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _collective():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, rank: int, world: int) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (None elsewhere)."""
+    if not _collective():
+        return [obj]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 class Trainer:
-    """One rank's engine, loader, EMA and metrics."""
+    """One rank's engine, loader, EMA, checkpoints and metrics."""
 
     def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, scratch: str) -> None:
         import deepspeed  # inside the worker only: importing it on the driver can break (Ray #50406)
-        import ray.train
 
         from trip.data import LatentLoader
-        from trip.diffusion import TRIPObjective
+        from trip.diffusion import SampleDraws, TRIPObjective
         from trip.metrics import build_metrics
         from trip.model import TRIPModel
         from trip.train.ds_config import deepspeed_config
         from trip.train.ema import PartitionedEMA
+        from trip.train.preemption import Preemption
 
         self.cfg, self.rank, self.world, self.scratch = cfg, rank, world, scratch
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -81,10 +104,17 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        self.accum = cfg.grad_accum_steps(world)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.run_dir = ckpt.RunDir(cfg.run.storage_path, cfg.run.name)
+        self.preemption = Preemption(cfg.run.preemption_grace_s)
+        self.preemption.install()
 
-        local_dir, meta = self._find_checkpoint(ray.train.get_checkpoint())
+        found = self._agree_on_checkpoint()
+        meta = found.record if found is not None else None
+        self.loader = LatentLoader(cfg.data, rank, world, state=meta["loader"] if meta else None,
+                                   device=None, round_size=cfg.train.global_batch_size)
+        self.accum = self.loader.micro_batches_per_round
+        self.loss_scale = world * self.accum / cfg.train.global_batch_size  # per-sample weight, see docstring
         universal = meta is not None and meta["world_size"] != world
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -99,22 +129,24 @@ class Trainer:
                                   world_size=world, on_gpu=self.on_gpu, load_universal=universal)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=TRIPObjective(model, cfg.train.text_dropout), model_parameters=params, config=ds_cfg)
+        self.draws = SampleDraws(cfg.train.seed, cfg.diffusion.num_train_timesteps, cfg.train.text_dropout)
         self.named = list(self.engine.module.named_parameters())
         part = [p for _, p in self.named if hasattr(p, "ds_tensor")]
         self.partition_fraction = (sum(p.ds_tensor.numel() for p in part) / sum(p.ds_numel for p in part)
                                    if part else 1.0)
         self.ema = PartitionedEMA(self.named, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-        self.step, self.history, self.restarts, loader_state = 0, [], 0, None
-        self.save_seconds: list[float] = []  # this attempt's checkpoint save + upload times
-        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank noise and timestep streams
-        if meta is not None:
-            self._restore(local_dir, meta, universal)
-            loader_state, self.step = meta["loader"], meta["step"]
-            self.history, self.restarts = meta.get("history", []), meta.get("restarts", 0) + 1
-            _log(rank, f"resumed at step {self.step} (saved at world size {meta['world_size']}, now {world}"
-                       f"{'; via universal checkpoint' if universal else ''})")
-        self.loader = LatentLoader(cfg.data, rank, world, state=loader_state, device=None)
+        self.step, self.restarts, self.resume_bytes = 0, 0, 0
+        self.pending_history: list[dict[str, Any]] = []  # rank 0: rows not yet in a history segment
+        self.save_seconds: list[float] = []  # this attempt's training-path seconds per checkpoint
+        self.slowest_pauses: list[float] = []  # rank 0: the slowest rank's, per checkpoint but the last
+        self.writer = ckpt.CheckpointWriter(self.run_dir, on_commit=self._committed)
+        if found is not None:
+            self._restore(found, universal)
+            self.step, self.restarts = meta["step"], meta.get("restarts", 0) + 1
+            _log(rank, f"resumed at step {self.step} from {found.url} (saved at world size {meta['world_size']}, "
+                       f"now {world}{'; via universal checkpoint' if universal else ''}); this rank read "
+                       f"{self.resume_bytes / 1e6:.1f} MB")
         self.metrics = build_metrics(cfg.run.name, rank, local_rank, cfg.metrics.port, cfg.metrics.addr)
         self.metrics.world(world, self.restarts)
         if self.metrics.url:
@@ -123,57 +155,68 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
 
-    def _find_checkpoint(self, latest: Any) -> tuple[str | None, dict[str, Any] | None]:
-        resume = ckpt.find_resume_checkpoint(latest) if latest is not None else None
-        if resume is None:
-            resume = ckpt.scan_run(self.cfg.run.storage_path, self.cfg.run.name)
-            if resume is not None:
-                _log(self.rank, f"Ray passed no checkpoint; found {resume.path} in the run directory")
-        if resume is None:
-            return None, None
-        local = resume.to_directory(os.path.join(self.scratch, "resume"))
-        meta = ckpt.read_meta(local)
-        if meta is None:
-            raise RuntimeError(f"checkpoint {resume.path} was complete in storage but not after download")
-        if meta["config_hash"] != self.cfg.hash():
-            _log(self.rank, f"warning: checkpoint config hash {meta['config_hash']} != this run's {self.cfg.hash()}")
-        return local, meta
+    def _agree_on_checkpoint(self) -> ckpt.Found | None:
+        """Rank 0 lists the run's storage once; every rank gets its answer (no W-fold listing)."""
+        found = self.run_dir.latest() if self.rank == 0 else None
+        found = _broadcast(found)
+        if found is not None and found.record["config_hash"] != self.cfg.hash():
+            _log(self.rank, f"warning: checkpoint config hash {found.record['config_hash']} != this run's "
+                            f"{self.cfg.hash()}")
+        return found
 
-    def _restore(self, local_dir: str, meta: dict[str, Any], universal: bool) -> None:
-        load_dir, tag = local_dir, ckpt.DS_TAG
+    def _restore(self, found: ckpt.Found, universal: bool) -> None:
+        """Load this rank's ZeRO state and EMA slice, reading only what this rank needs."""
+        rec, root = found.record, os.path.join(self.scratch, "resume")
         if universal:
-            load_dir, tag = os.path.join(self.scratch, "universal-root"), "universal"
-            ckpt.to_universal(local_dir, load_dir)
+            u = ckpt.ensure_universal(self.run_dir, found, converter=self.rank == 0,
+                                      workers=max(1, int(self.cfg.scaling.cpus_per_worker)), scratch=self.scratch)
+            load_dir, tag = ckpt.fetch_universal(self.run_dir, found, u, ckpt.default_cache_root()), ckpt.UNIVERSAL
+            self.resume_bytes += sum(u["files"].values())
+        else:
+            ds_files = [f for f in ckpt.own_files(rec, self.rank) if f.startswith(f"{ckpt.DS_TAG}/")]
+            self.resume_bytes += self.run_dir.download(found.step, ds_files, root)  # the EMA slice: below
+            ckpt.stub_other_ranks(rec, self.rank, root)
+            load_dir, tag = root, ckpt.DS_TAG
         path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {load_dir} (tag {tag})")
+            raise RuntimeError(f"DeepSpeed could not load {found.url} (tag {tag}) on rank {self.rank}")
         if self.ema is not None:
-            from safetensors.torch import load_file
+            self._restore_ema(found)
 
-            ema = load_file(os.path.join(local_dir, "ema.safetensors"))
-            self.ema.load_full_state({f"model.{k}": v for k, v in ema.items()})
-        rng = os.path.join(local_dir, "rng", f"rank{self.rank}.json")
-        if not universal:  # per-rank streams only mean something at the same world size
-            with open(rng) as fh:
-                ckpt.set_rng_state(json.load(fh))
+    def _restore_ema(self, found: ckpt.Found) -> None:
+        from trip.train import partitions
+
+        old_world = int(found.record["world_size"])
+        old_stage = int(found.record["config"]["train"]["zero"]["stage"])
+        numels = [int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel() for _, p in self.named]
+        new_part = [hasattr(p, "ds_tensor") for _, p in self.named]
+        # same world size: exactly this rank's own file; a resize: the old files overlapping
+        # this rank's new slices (~17 of 512 at 512 -> 448 for the paper model: small tensors'
+        # slices land on other ranks than large ones')
+        need = partitions.source_ranks(numels, old_world, self.rank, self.world,
+                                       old_partitioned=[old_stage == 3] * len(numels), new_partitioned=new_part)
+        rels = {r: ckpt.partition_file("ema", r, old_world) for r in need}
+        dest = os.path.join(self.scratch, "resume-ema")
+        self.resume_bytes += self.run_dir.download(found.step, rels.values(), dest)
+        files = {r: os.path.join(dest, rel) for r, rel in rels.items()}
+        names = [(_strip(n), num, part) for (n, _), num, part in zip(self.named, numels, new_part)]
+        parts = partitions.read_local_partitions(files, names, rank=self.rank, world_size=self.world, kind="ema")
+        self.ema.load_partitions(parts, strip=_strip)
 
     # ------------------------------------------------------------------ debug hooks
 
     def _debug_setup(self) -> None:
         self.debug_dir = os.environ.get("TRIP_TRAIN_DEBUG_DIR")
         self.step_sleep = float(os.environ.get("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0") or 0)
-        self.attempt = time.time()
-        if dist.is_initialized():  # one id per worker-group start, the same on every rank
-            box = [self.attempt]
-            dist.broadcast_object_list(box, src=0)
-            self.attempt = box[0]
+        self.attempt = _broadcast(time.time())  # one id per worker-group start, the same on every rank
         if not self.debug_dir:
             return
         os.makedirs(self.debug_dir, exist_ok=True)
         ckpt.write_json(os.path.join(self.debug_dir, f"worker-rank{self.rank}.json"),
                         {"pid": os.getpid(), "rank": self.rank, "world_size": self.world, "step": self.step,
-                         "partition_fraction": self.partition_fraction, "attempt": self.attempt})
+                         "partition_fraction": self.partition_fraction, "attempt": self.attempt,
+                         "resume_bytes": self.resume_bytes})
 
     def _debug_keys(self, keys: list[str], epochs: list[int]) -> None:
         if self.debug_dir:
@@ -183,14 +226,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _next_batch(self, it: Any) -> dict[str, Any]:
-        """Next batch without touching the training RNG: DataLoader draws worker seeds from
-        torch's global generator, which would shift noise after a resume."""
-        state = torch.get_rng_state()
-        batch = next(it)
-        torch.set_rng_state(state)
-        return batch
-
     def _batches(self) -> Any:
         while True:
             yield from self.loader
@@ -198,127 +233,181 @@ class Trainer:
     def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Forward, backward and (at the accumulation boundary) optimizer step of one micro-batch.
 
-        Returns the detached loss on the device: reading it (`.item()`) would make the host
-        wait for the device after every micro-batch, so the caller reads once per step."""
+        Returns the detached weighted loss on the device: reading it (`.item()`) would make
+        the host wait for the device after every micro-batch, so the caller reads once per step."""
         d, dt = self.device, self.dtype  # bf16 weights need bf16 inputs; the loss is computed in fp32
-        loss = self.engine(batch["latents"].permute(0, 2, 1, 3, 4).to(d, dt),  # [B,F,C,h,w] -> [B,C,F,h,w]
-                           batch["image_latents"].to(d, dt),
-                           batch["text_states"].to(d, dt) if batch.get("text_states") is not None else None,
-                           batch["valid"].to(d) if batch.get("valid") is not None else None)
+        if batch["latents"].shape[0] == 0:  # a rank with fewer samples than micro-batches this step:
+            batch = _zero_weight_stand_in(batch)  # it must still run the collectives of a forward
+        latents = batch["latents"].permute(0, 2, 1, 3, 4)  # [B,F,C,h,w] -> [B,C,F,h,w]
+        t, noise, keep = self.draws(batch["positions"], batch["epoch"], tuple(latents.shape[1:]))
+        weights = batch["valid"].float() * self.loss_scale
+        text = batch.get("text_states")
+        loss = self.engine(latents.to(d, dt), batch["image_latents"].to(d, dt),
+                           text.to(d, dt) if text is not None else None, None,
+                           timesteps=t.to(d), noise=noise.to(d), keep_text=keep.to(d), weights=weights.to(d))
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
 
     def run(self) -> None:
         from trip.train.ds_config import lr_factor
+        from trip.train.preemption import Preempted
 
         cfg, rank = self.cfg, self.rank
-        _log(rank, f"world size {self.world}: micro-batch {cfg.data.micro_batch_size} x {self.accum} "
-                   f"accumulation x {self.world} ranks = global batch {cfg.train.global_batch_size}; "
+        _log(rank, f"world size {self.world}: {cfg.train.global_batch_size} samples per step = "
+                   f"{self.world} ranks x {self.accum} micro-batches of <= {cfg.data.micro_batch_size}; "
                    f"each rank holds {self.partition_fraction:.3f} of the partitioned parameters")
         it = self._batches()
         t_start, steps_here, last_saved, corrupt_seen = time.perf_counter(), 0, self.step, 0
-        while self.step < cfg.train.max_steps:
-            factor = lr_factor(self.step, cfg.train)
-            for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-                g["lr"] = base * factor
-            t0, wait0 = time.perf_counter(), self.loader.wait_seconds
-            losses, samples, keys, epochs = [], 0, [], []
-            for _ in range(self.accum):
-                epochs.append(self.loader.epoch)
-                batch = self._next_batch(it)
-                losses.append(self._micro_step(batch))
-                valid = batch.get("valid")
-                flags = [bool(v) for v in valid] if valid is not None else [True] * len(batch["keys"])
-                keys += [k for k, ok in zip(batch["keys"], flags) if ok]
-                samples += sum(flags)
-            loss = float(torch.stack(losses).float().mean())  # the one host sync of the step
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update()
-            seconds = time.perf_counter() - t0
-            norm = self.engine.get_global_grad_norm()
-            self.metrics.step(seconds=seconds, samples=samples, loss=loss,
-                              grad_norm=float(norm) if norm is not None else float("nan"),
-                              lrs={n: b * factor for n, b in zip(self.group_names, self.base_lrs)}, step=self.step)
-            self.metrics.data_wait(self.loader.wait_seconds - wait0)
-            self.metrics.corrupt(self.loader.corrupt_samples - corrupt_seen)
-            corrupt_seen = self.loader.corrupt_samples
-            self._debug_keys(keys, epochs)
-            if self.step_sleep:
-                time.sleep(self.step_sleep)
-            steps_here += 1
-            elapsed = time.perf_counter() - t_start
-            sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
-            self.history.append({"step": self.step, "loss": loss, "samples_per_second": sps, "time": time.time()})
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                eta = (cfg.train.max_steps - self.step) * elapsed / steps_here
-                _log(rank, f"step {self.step}/{cfg.train.max_steps}  loss {loss:.4f}  {sps:.1f} samples/s  "
-                           f"ETA {eta:.0f} s")
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
-                self.save()
-                last_saved = self.step
-        if last_saved != self.step:  # resumed at max_steps: still report so the run has a result
-            self.save()
-        self.loader.close()
+        try:
+            while self.step < cfg.train.max_steps:
+                factor = lr_factor(self.step, cfg.train)
+                for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+                    g["lr"] = base * factor
+                t0, wait0 = time.perf_counter(), self.loader.wait_seconds
+                losses, samples, keys, epochs = [], 0, [], []
+                for micro in range(self.accum):
+                    epochs.append(self.loader.epoch)
+                    batch = next(it)
+                    # dropout (the UNet's temporal convs) draws from torch's generator: seeded per
+                    # (step, rank, micro-batch), a resumed run repeats it with no RNG state saved
+                    torch.manual_seed(_micro_seed(cfg.train.seed, self.step, rank, micro))
+                    losses.append(self._micro_step(batch))
+                    flags = [bool(v) for v in batch["valid"]]
+                    keys += [k for k, ok in zip(batch["keys"], flags) if ok]
+                    samples += sum(flags)
+                # the one host sync of the step; the rank's mean per-sample loss, for logs
+                loss = float(torch.stack(losses).sum()) / self.loss_scale / max(samples, 1)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update()
+                seconds = time.perf_counter() - t0
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else float("nan")
+                self.metrics.step(seconds=seconds, samples=samples, loss=loss, grad_norm=grad_norm,
+                                  lrs={n: b * factor for n, b in zip(self.group_names, self.base_lrs)},
+                                  step=self.step)
+                self.metrics.data_wait(self.loader.wait_seconds - wait0)
+                self.metrics.corrupt(self.loader.corrupt_samples - corrupt_seen)
+                corrupt_seen = self.loader.corrupt_samples
+                self._debug_keys(keys, epochs)
+                if self.step_sleep:
+                    time.sleep(self.step_sleep)
+                steps_here += 1
+                elapsed = time.perf_counter() - t_start
+                sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
+                if rank == 0:
+                    self.pending_history.append({"step": self.step, "loss": loss, "samples_per_second": sps,
+                                                 "grad_norm": grad_norm, "lr_factor": factor,
+                                                 "world_size": self.world, "time": time.time()})
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    eta = (cfg.train.max_steps - self.step) * elapsed / steps_here
+                    _log(rank, f"step {self.step}/{cfg.train.max_steps}  loss {loss:.4f}  {sps:.1f} samples/s  "
+                               f"ETA {eta:.0f} s")
+                if self.preemption.agreed(self.device):
+                    left = self.preemption.seconds_left()
+                    _log(rank, f"preemption at step {self.step}: saving ({left:.0f} s of grace left)")
+                    self.save(wait=True)
+                    self.preemption.disarm()
+                    raise Preempted(f"stopped at step {self.step} after a termination request; the "
+                                    f"checkpoint of this step is committed")
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                    self.save(wait=self.step == cfg.train.max_steps)
+                    last_saved = self.step
+            if last_saved != self.step:  # resumed at max_steps: save so the run has a final checkpoint
+                self.save(wait=True)
+        finally:
+            self.loader.close()
+            self.metrics.close()
+        self.writer.close()
         if rank == 0:
             self._write_report()
-        self.metrics.close()
 
     # ------------------------------------------------------------------ save
 
-    def save(self) -> None:
-        """All ranks: DeepSpeed files + RNG, gathered weights/EMA + meta (rank 0, meta last), report."""
-        import ray.train
-        from ray.train import Checkpoint
-        from safetensors.torch import save_file
+    def save(self, wait: bool = False) -> None:
+        """Write this rank's files locally, hand them to the background upload and go on.
 
-        from trip.train.ema import gather_full
+        The training path pays for the local writes and one gather of small per-rank facts
+        (file sizes, the loader's own deliveries) to rank 0, which builds the commit record;
+        with `wait`, also for the upload and the commit (end of run, preemption)."""
+        from trip.data import LatentLoader
+        from trip.train import partitions
 
         t0 = time.perf_counter()
-        states: list[Any] = [None] * self.world
-        if dist.is_initialized():
-            dist.all_gather_object(states, self.loader.state_dict())
-        else:
-            states = [self.loader.state_dict()]
-        merged = self.loader.merge_states(states)
-        tmp = tempfile.mkdtemp(prefix="ckpt-", dir=self.scratch)
-        try:
-            self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG, client_state={"trip_step": self.step})
-            ckpt.write_json(os.path.join(tmp, "rng", f"rank{self.rank}.json"), ckpt.rng_state())
-            t_write = time.perf_counter()
-            weights = gather_full(self.named)
-            ema = self.ema.full_state() if self.ema is not None else None
-            if self.rank == 0:
-                save_file({k.removeprefix("model."): v for k, v in weights.items()},
-                          os.path.join(tmp, "weights.safetensors"))
-                if ema is not None:
-                    save_file({k.removeprefix("model."): v for k, v in ema.items()},
-                              os.path.join(tmp, "ema.safetensors"))
-                ckpt.write_json(os.path.join(tmp, ckpt.META_NAME), {
-                    "format": ckpt.FORMAT, "step": self.step, "world_size": self.world,
-                    "config_hash": self.cfg.hash(), "config": to_dict(self.cfg), "loader": merged,
-                    "history": self.history, "restarts": self.restarts,
-                    "files": ckpt.expected_files(self.world, ema is not None, self.cfg.train.zero.stage)})
-            t_gather = time.perf_counter()
-            last = self.history[-1] if self.history else {}
-            ray.train.report({"step": self.step, "loss": last.get("loss", float("nan")),
-                              "samples_per_second": last.get("samples_per_second", 0.0),
-                              "world_size": self.world, "partition_fraction": self.partition_fraction,
-                              "output_dir": default_output_dir(self.cfg)},
-                             checkpoint=Checkpoint.from_directory(tmp))
-            t_end = time.perf_counter()
-            seconds = t_end - t0
-            self.save_seconds.append(seconds)
-            self.metrics.checkpoint_saved(seconds)
-            _log(self.rank, f"checkpoint at step {self.step} saved in {seconds:.2f} s (DeepSpeed files "
-                            f"{t_write - t0:.2f} s, full weights + EMA {t_gather - t_write:.2f} s, "
-                            f"report + upload {t_end - t_gather:.2f} s)")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.writer.wait()  # at most one upload in flight; it had a whole interval to finish
+        staging = tempfile.mkdtemp(prefix=f"ckpt-{self.step}-", dir=self.scratch)
+        ds_root = os.path.join(staging, "ds-root")
+        self.engine.save_checkpoint(ds_root, tag=ckpt.DS_TAG, client_state={"trip_step": self.step})
+        files = {f"{ckpt.DS_TAG}/{rel}": os.path.join(ds_root, ckpt.DS_TAG, rel)
+                 for rel in ckpt.local_listing(os.path.join(ds_root, ckpt.DS_TAG))}
+        named = [(_strip(n), p) for n, p in self.named]
+        kinds = [("weights", None)] + ([("ema", self.ema.shadow)] if self.ema is not None else [])
+        for kind, tensors in kinds:
+            rel = ckpt.partition_file(kind, self.rank, self.world)
+            files[rel] = os.path.join(staging, rel)
+            partitions.write_partitions(files[rel], partitions.param_entries(named, tensors), rank=self.rank,
+                                        world_size=self.world, kind=kind)
+        t_local = time.perf_counter()
+        sizes = {rel: os.path.getsize(path) for rel, path in files.items()}
+        # the previous save's pause rides along: rank 0 reports the slowest rank's, not its own
+        previous = self.save_seconds[-1] if self.save_seconds else None
+        facts = _gather((sizes, self.loader.state_dict(own_only=self.rank != 0), previous), self.rank, self.world)
+        record = None
+        if self.rank == 0:
+            all_sizes: dict[str, int] = {}
+            for s, _, _ in facts:
+                all_sizes.update(s)
+            if previous is not None:
+                self.slowest_pauses.append(max(p for _, _, p in facts if p is not None))
+            record = {"format": ckpt.FORMAT, "step": self.step, "world_size": self.world,
+                      "config_hash": self.cfg.hash(), "config": to_dict(self.cfg),
+                      "loader": LatentLoader.merge_states([st for _, st, _ in facts]),
+                      "restarts": self.restarts, "files": all_sizes, "time": time.time()}
+        history, self.pending_history = self.pending_history, []
+        self.writer.submit(self.step, staging, files, record, history=history if self.rank == 0 else None,
+                           keep=self.cfg.train.keep_checkpoints if self.rank == 0 else None)
+        if wait:
+            self.writer.wait()
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        self.save_seconds.append(seconds)
+        self.metrics.checkpoint_saved(seconds)
+        _log(self.rank, f"checkpoint at step {self.step}: training paused {seconds:.2f} s (local files "
+                        f"{t_local - t0:.2f} s, record {t_end - t_local:.2f} s"
+                        f"{', upload and commit included' if wait else '; uploading in the background'})")
+
+    def _committed(self, step: int, seconds: float) -> None:
+        _log(self.rank, f"checkpoint at step {step} committed ({seconds:.2f} s of upload and commit)")
 
     def _write_report(self) -> None:
         from trip.train.report import write_report
 
-        write_report(default_output_dir(self.cfg), self.cfg, self.history,
-                     extra={"checkpoint_save_seconds": self.save_seconds})
+        history = self.run_dir.history(up_to=self.step)
+        extra = {"checkpoint_save_seconds": self.save_seconds,
+                 "checkpoint_pause_seconds_slowest_rank": self.slowest_pauses,
+                 "checkpoint": self.run_dir.checkpoint_url(self.step)}
+        write_report(self.run_dir.url, self.cfg, history, extra=extra)
+        if self.cfg.run.output_dir and storage.join(self.cfg.run.output_dir, "") != storage.join(self.run_dir.url, ""):
+            write_report(self.cfg.run.output_dir, self.cfg, history, extra=extra)
+
+
+def _micro_seed(*key: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def _zero_weight_stand_in(batch: dict[str, Any]) -> dict[str, Any]:
+    """One all-zero sample with valid=False (weight 0) in place of an empty micro-batch."""
+    out = dict(batch)
+    for k in ("latents", "image_latents", "text_states"):
+        if batch.get(k) is not None:
+            out[k] = torch.zeros((1, *batch[k].shape[1:]), dtype=batch[k].dtype)
+    out.update(valid=torch.zeros(1, dtype=torch.bool), positions=torch.zeros(1, dtype=torch.int64), keys=[""])
+    return out
+
+
+def _strip(name: str) -> str:
+    """Parameter names as the model has them (the engine wraps the model in TRIPObjective)."""
+    return name.removeprefix("model.")
