@@ -230,6 +230,18 @@ def test_scheduling_values_reach_the_worker_pods() -> None:
     assert pod["affinity"] == affinity and pod["priorityClassName"] == "batch-high"
 
 
+def test_training_workers_get_the_preemption_grace_and_a_prestop_that_signals_the_trainers() -> None:
+    for grace, want in ((None, 40), (25, 40), (50.5, 66)):
+        values = {} if grace is None else {"runConfig": {"run": {"preemption_grace_s": grace}}}
+        rayjob = mc.one(mc.render_docs(values), "RayJob", "-train")
+        worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        assert worker["terminationGracePeriodSeconds"] == want  # grace (rounded up) + 15 s for ray stop
+        hook = " ".join(worker["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+        assert "pkill -TERM -f 'ray::RayTrainWorker'" in hook and f"seq {want - 15}" in hook
+        head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        assert "terminationGracePeriodSeconds" not in head  # the driver's pod keeps Kubernetes' default
+
+
 @pytest.mark.parametrize(("values_file", "labels"), [
     ("minimal-values.yaml", {"kueue.x-k8s.io/queue-name": "team-ml"}),
     ("elastic-gpu-values.yaml", {"ray.io/scheduler-name": "volcano", "volcano.sh/queue-name": "training"}),

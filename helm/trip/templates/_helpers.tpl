@@ -120,6 +120,16 @@ existing Secret named in objectStorage.existingSecret (never from values).
 {{- end }}
 
 {{/*
+Seconds a training worker has to checkpoint after SIGTERM: runConfig.run.preemption_grace_s
+(the trainer's default, 25, when unset), rounded up.
+*/}}
+{{- define "trip.preemptionGrace" -}}
+{{- $run := .Values.runConfig.run | default dict -}}
+{{- $g := $run.preemption_grace_s | default 25 -}}
+{{- int (ceil (float64 $g)) -}}
+{{- end }}
+
+{{/*
 Pod template of a Ray head or worker pod.
 Arguments (dict): root, group (head/workers values), component (train|preprocess),
 node (head|worker), ports (list of container ports), gpus (int), gpuResourceName,
@@ -138,6 +148,10 @@ metadata:
     trip.io/metrics: "true"
     {{- end }}
 spec:
+  {{- if and (eq .component "train") (eq .node "worker") }}
+  {{- /* room for the preStop hook (the workers' preemption checkpoint) plus `ray stop` */}}
+  terminationGracePeriodSeconds: {{ add (include "trip.preemptionGrace" $root | int) 15 }}
+  {{- end }}
   serviceAccountName: {{ include "trip.serviceAccountName" $root }}
   automountServiceAccountToken: {{ .automount | default false }}
   securityContext:
@@ -170,6 +184,14 @@ spec:
         preStop:
           exec:
             command: ["/bin/sh", "-c", "ray stop"]
+      {{- else if eq .component "train" }}
+      lifecycle:
+        # Drain / spot reclaim: SIGTERM the training workers first, while Ray is still up, so
+        # the group checkpoints at the next step (run.preemption_grace_s); then let Kubernetes
+        # stop the container.
+        preStop:
+          exec:
+            command: ["/bin/sh", "-c", "pkill -TERM -f 'ray::RayTrainWorker' || exit 0; for i in $(seq {{ include "trip.preemptionGrace" $root }}); do pgrep -f 'ray::RayTrainWorker' >/dev/null || exit 0; sleep 1; done"]
       {{- end }}
       ports:
         {{- toYaml .ports | nindent 8 }}
