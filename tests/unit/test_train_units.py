@@ -146,7 +146,7 @@ def test_commit_waits_until_every_listed_file_is_in_storage(tmp_path):
     staging = tmp_path / "staging"
     staging.mkdir()
     (staging / "a").write_bytes(b"aaaa")
-    record = {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": {"ds/a": 4, "ds/b": 2}}
+    record = {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": ["ds/a", "ds/b"]}
     writer = ckpt.CheckpointWriter(run, commit_timeout_s=30)
     writer.submit(2, str(staging), {"ds/a": str(staging / "a")}, record)  # rank 0's file only
     rec_path = Path(storage_local(run.checkpoint_url(2))) / ckpt.RECORD
@@ -160,7 +160,8 @@ def test_commit_waits_until_every_listed_file_is_in_storage(tmp_path):
     other.write_bytes(b"bb")
     run.put(str(other), "checkpoints/step-000000002/ds/b")  # "rank 1" finishes its upload
     writer.wait()
-    assert json.loads(rec_path.read_text())["step"] == 2 and run.latest().step == 2
+    committed = json.loads(rec_path.read_text())
+    assert committed["step"] == 2 and committed["files"] == {"ds/a": 4, "ds/b": 2} and run.latest().step == 2
     assert not staging.exists()  # the local copies are removed once uploaded
     writer.close()
 
@@ -170,7 +171,7 @@ def test_a_commit_that_never_completes_fails_loudly(tmp_path):
     staging = tmp_path / "staging"
     staging.mkdir()
     writer = ckpt.CheckpointWriter(run, commit_timeout_s=0.5)
-    writer.submit(2, str(staging), {}, {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": {"ds/b": 1}})
+    writer.submit(2, str(staging), {}, {"format": ckpt.FORMAT, "step": 2, "world_size": 2, "files": ["ds/b"]})
     with pytest.raises(TimeoutError, match="not committed.*ds/b"):
         writer.wait()
     writer.close()

@@ -306,15 +306,20 @@ class CheckpointWriter:
         self._future: concurrent.futures.Future[None] | None = None
         self._keep: int | None = None
 
-    def submit(self, step: int, staging: str, files: dict[str, str], record: dict[str, Any] | None,
-               history: list[dict[str, Any]] | None = None, keep: int | None = None) -> None:
-        """Upload `files` (relative path in the checkpoint -> local path); with a `record`
-        (rank 0): first apply retention for the checkpoints committed so far (`keep`), then,
-        after the upload, write the history segment and, last of all, once every file the
-        record lists is in storage, the record itself. `staging` is removed when done."""
+    def submit(self, step: int, staging: str, files: dict[str, str], record: dict[str, Any] | None = None,
+               history: list[dict[str, Any]] | None = None, keep: int | None = None,
+               produce: Callable[[], None] | None = None,
+               prepare: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        """In the background: write the local files (`produce`), build the commit record
+        (`prepare`, or the `record` given; rank 0 has one, its "files" the names every rank
+        uploads), upload `files` (relative path in the checkpoint -> local path). With a
+        record: before anything, apply retention for the checkpoints committed so far
+        (`keep`); after the upload, write the history segment and, last of all, once every
+        listed file is in storage, the record itself with each file's size. `staging` is
+        removed when done."""
         self.wait()
         self._keep = keep
-        self._future = self._pool.submit(self._run, step, staging, files, record, history, keep)
+        self._future = self._pool.submit(self._run, step, staging, files, record, history, keep, produce, prepare)
 
     def wait(self) -> None:
         if self._future is not None:
@@ -331,12 +336,17 @@ class CheckpointWriter:
             self._pool.shutdown(wait=True)
 
     def _run(self, step: int, staging: str, files: dict[str, str], record: dict[str, Any] | None,
-             history: list[dict[str, Any]] | None, keep: int | None) -> None:
+             history: list[dict[str, Any]] | None, keep: int | None, produce: Callable[[], None] | None,
+             prepare: Callable[[], dict[str, Any] | None] | None) -> None:
         t0 = time.perf_counter()
-        if record is not None and keep is not None:
+        if keep is not None:
             self.run.retain(keep)  # the previous commit's, so that committing stays the last write
         base = f"checkpoints/{step_name(step)}"
         try:
+            if produce is not None:
+                produce()
+            if prepare is not None:
+                record = prepare()
             with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
                 list(pool.map(lambda kv: self.run.put(kv[1], f"{base}/{kv[0]}"), files.items()))
         finally:
@@ -351,11 +361,14 @@ class CheckpointWriter:
 
     def _commit(self, step: int, record: dict[str, Any]) -> None:
         """Write the record once every listed file is in storage (the other ranks upload theirs
-        concurrently): one listing per poll, O(files)."""
+        concurrently): one listing per poll, O(files). Uploads are atomic (one PUT, or a
+        rename on local disk), so a listed file is whole; its listed size goes in the record."""
         deadline, delay = time.monotonic() + self.commit_timeout_s, 0.05
         while True:
-            missing = missing_files(record["files"], self.run.listing(step))
+            listing = self.run.listing(step)
+            missing = [f for f in record["files"] if f not in listing]
             if not missing:
+                record = dict(record, files={f: listing[f] for f in record["files"]})
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"checkpoint {self.run.checkpoint_url(step)} not committed: after "

@@ -16,7 +16,9 @@ repeats the uninterrupted one exactly.
 Per step there is no collective beyond DeepSpeed's own and one one-element all-reduce
 (did any rank get SIGTERM, `trip.train.preemption`). Every `checkpoint_every` steps each
 rank writes its files locally and goes on training while they upload
-(`trip.train.checkpoint`); rank 0 commits the checkpoint once all files are in storage.
+(`trip.train.checkpoint`, `trip.train.snapshot`): the step pays for copying this rank's
+state to host memory; serializing and uploading run on a background thread, and rank 0
+commits the checkpoint once all files are in storage.
 
 `TRIP_TRAIN_DEBUG_DIR=<local dir>` makes each rank write `worker-rank<r>.json` (pid, world
 size, ZeRO partition fraction) and append the sample keys of every step to
@@ -74,12 +76,12 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _gather(obj: Any, rank: int, world: int) -> list[Any] | None:
+def _gather(obj: Any, rank: int, world: int, group: Any = None) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (None elsewhere)."""
     if not _collective():
         return [obj]
     out: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=group)
     return out
 
 
@@ -141,6 +143,13 @@ class Trainer:
         self.save_seconds: list[float] = []  # this attempt's training-path seconds per checkpoint
         self.slowest_pauses: list[float] = []  # rank 0: the slowest rank's, per checkpoint but the last
         self.writer = ckpt.CheckpointWriter(self.run_dir, on_commit=self._committed)
+        # the writer's thread gathers each checkpoint's facts on its own (gloo) group, so that
+        # this never interleaves with the training step's collectives on the default group
+        self.writer_group = dist.new_group(backend="gloo") if _collective() else None
+        from trip.train.snapshot import SnapshotEngine
+
+        self.snapshots = SnapshotEngine()  # DeepSpeed's saves become host copies, written later
+        self.engine.checkpoint_engine = self.snapshots
         if found is not None:
             self._restore(found, universal)
             self.step, self.restarts = meta["step"], meta.get("restarts", 0) + 1
@@ -326,56 +335,73 @@ class Trainer:
     # ------------------------------------------------------------------ save
 
     def save(self, wait: bool = False) -> None:
-        """Write this rank's files locally, hand them to the background upload and go on.
+        """Copy this rank's state to host memory, hand it to the background writer and go on.
 
-        The training path pays for the local writes and one gather of small per-rank facts
-        (file sizes, the loader's own deliveries) to rank 0, which builds the commit record;
-        with `wait`, also for the upload and the commit (end of run, preemption)."""
+        The training path pays for the host copies (this rank's 1/W of the model, its Adam
+        state and EMA: a memcpy). The writer's thread serializes them, gathers small per-rank
+        facts (file names, the loader's own deliveries) to rank 0, which builds the commit
+        record, uploads and commits; with `wait` (end of run, preemption) the step also waits
+        for that."""
         from trip.data import LatentLoader
         from trip.train import partitions
+        from trip.train.ema import local_part
+        from trip.train.snapshot import host_copy_all, write_snapshots
 
         t0 = time.perf_counter()
         self.writer.wait()  # at most one upload in flight; it had a whole interval to finish
         staging = tempfile.mkdtemp(prefix=f"ckpt-{self.step}-", dir=self.scratch)
         ds_root = os.path.join(staging, "ds-root")
         self.engine.save_checkpoint(ds_root, tag=ckpt.DS_TAG, client_state={"trip_step": self.step})
-        files = {f"{ckpt.DS_TAG}/{rel}": os.path.join(ds_root, ckpt.DS_TAG, rel)
-                 for rel in ckpt.local_listing(os.path.join(ds_root, ckpt.DS_TAG))}
+        ds_saves = self.snapshots.take()
         named = [(_strip(n), p) for n, p in self.named]
-        kinds = [("weights", None)] + ([("ema", self.ema.shadow)] if self.ema is not None else [])
-        for kind, tensors in kinds:
+        copies = [("weights", host_copy_all([local_part(p) for _, p in self.named]))]
+        if self.ema is not None:
+            copies.append(("ema", host_copy_all(self.ema.shadow)))
+        ds_dir = os.path.join(ds_root, ckpt.DS_TAG)
+        files = {f"{ckpt.DS_TAG}/{os.path.relpath(path, ds_dir)}": path for path, _ in ds_saves}
+        for kind, _ in copies:
             rel = ckpt.partition_file(kind, self.rank, self.world)
             files[rel] = os.path.join(staging, rel)
-            partitions.write_partitions(files[rel], partitions.param_entries(named, tensors), rank=self.rank,
-                                        world_size=self.world, kind=kind)
+        rank, world = self.rank, self.world
+
+        def produce() -> None:  # on the writer's thread: serialize, then the files are uploaded
+            write_snapshots(ds_saves)
+            for kind, tensors in copies:
+                partitions.write_partitions(files[ckpt.partition_file(kind, rank, world)],
+                                            partitions.param_entries(named, tensors), rank=rank,
+                                            world_size=world, kind=kind)
+
         t_local = time.perf_counter()
-        sizes = {rel: os.path.getsize(path) for rel, path in files.items()}
         # the previous save's pause rides along: rank 0 reports the slowest rank's, not its own
         previous = self.save_seconds[-1] if self.save_seconds else None
-        facts = _gather((sizes, self.loader.state_dict(own_only=self.rank != 0), previous), self.rank, self.world)
-        record = None
-        if self.rank == 0:
-            all_sizes: dict[str, int] = {}
-            for s, _, _ in facts:
-                all_sizes.update(s)
+        mine = (sorted(files), self.loader.state_dict(own_only=self.rank != 0), previous)
+        step, restarts, cfg, group = self.step, self.restarts, self.cfg, self.writer_group
+
+        def prepare() -> dict[str, Any] | None:  # on the writer's thread of every rank
+            facts = _gather(mine, rank, world, group)
+            if rank != 0:
+                return None
             if previous is not None:
                 self.slowest_pauses.append(max(p for _, _, p in facts if p is not None))
-            record = {"format": ckpt.FORMAT, "step": self.step, "world_size": self.world,
-                      "config_hash": self.cfg.hash(), "config": to_dict(self.cfg),
-                      "loader": LatentLoader.merge_states([st for _, st, _ in facts]),
-                      "restarts": self.restarts, "files": all_sizes, "time": time.time()}
+            return {"format": ckpt.FORMAT, "step": step, "world_size": world, "config_hash": cfg.hash(),
+                    "config": to_dict(cfg), "loader": LatentLoader.merge_states([st for _, st, _ in facts]),
+                    "restarts": restarts, "files": sorted(n for names, _, _ in facts for n in names),
+                    "time": time.time()}
+
         history, self.pending_history = self.pending_history, []
-        self.writer.submit(self.step, staging, files, record, history=history if self.rank == 0 else None,
-                           keep=self.cfg.train.keep_checkpoints if self.rank == 0 else None)
+        self.writer.submit(self.step, staging, files, history=history if self.rank == 0 else None,
+                           keep=self.cfg.train.keep_checkpoints if self.rank == 0 else None, produce=produce,
+                           prepare=prepare)
         if wait:
             self.writer.wait()
         t_end = time.perf_counter()
         seconds = t_end - t0
         self.save_seconds.append(seconds)
         self.metrics.checkpoint_saved(seconds)
-        _log(self.rank, f"checkpoint at step {self.step}: training paused {seconds:.2f} s (local files "
-                        f"{t_local - t0:.2f} s, record {t_end - t_local:.2f} s"
-                        f"{', upload and commit included' if wait else '; uploading in the background'})")
+        how = (f"writing, upload and commit {t_end - t_local:.3f} s" if wait
+               else "files written, uploaded and committed in the background")
+        _log(self.rank, f"checkpoint at step {self.step}: training paused {seconds:.3f} s (host copies "
+                        f"{t_local - t0:.3f} s; {how})")
 
     def _committed(self, step: int, seconds: float) -> None:
         _log(self.rank, f"checkpoint at step {step} committed ({seconds:.2f} s of upload and commit)")
