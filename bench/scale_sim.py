@@ -11,6 +11,9 @@ next pass resumes from it at the next world size.
 Per checkpoint: the ranges in the merged state (and per rank x unit of the largest world
 size), its JSON bytes, the bytes gathered from all ranks and the merge seconds.
 
+Also: the seconds of the checkpoint completeness check (record vs one listing) for a
+512- and a 64-rank checkpoint.
+
 Baselines, measured in the same run:
 - old merge: the union of W full states (every rank holds the whole restored set) with
   the old list-based `Intervals` (a copy is kept below), on the same states. It is
@@ -177,6 +180,42 @@ def print_checkpoints(checkpoints: list[Checkpoint]) -> None:
               f"{c.state_bytes:>13,} {c.gathered_bytes:>12,} {c.merge_seconds:>9.4f}")
 
 
+def completeness_seconds(world: int) -> tuple[float, int]:
+    """Seconds of `checkpoint.missing_files` on a W-rank checkpoint's record vs its listing (the
+    files a ZeRO-3 save writes: 2 DeepSpeed files, a weights and an EMA partition per rank),
+    median of 5; and the number of files. One dict lookup per file: O(files)."""
+    from trip.train import checkpoint as ckpt
+
+    files = {}
+    for r in range(world):
+        files[f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = 1000 + r
+        files[f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = 2000 + r
+        files[ckpt.partition_file("weights", r, world)] = 3000 + r
+        files[ckpt.partition_file("ema", r, world)] = 4000 + r
+    listing = dict(reversed(list(files.items())))  # a listing comes back in its own order
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        assert not ckpt.missing_files(files, listing)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(files)
+
+
+def old_completeness_seconds(world: int) -> float:
+    """The check before: one glob pattern per rank and file kind, each matched against the
+    whole listing with fnmatch (O(W^2)); one run."""
+    import fnmatch
+
+    present = [f"ds/zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in range(world) for k in ("model", "optim")]
+    present += [f"rng/rank{r}.json" for r in range(world)] + ["weights.safetensors", "ema.safetensors"]
+    patterns = ["weights.safetensors", "ema.safetensors", "ds/*model_states.pt"]
+    for r in range(world):
+        patterns += [f"rng/rank{r}.json", f"ds/*zero_pp_rank_{r}_*optim_states.pt", f"ds/*zero_pp_rank_{r}_*model_states.pt"]
+    t0 = time.perf_counter()
+    assert all(fnmatch.filter(present, pat) for pat in patterns)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[dict]:
     """Runs both chains, prints the tables and the JSON line (with `extra`'s figures added)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,6 +257,15 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
             row("scale_sim", f"gathered_bytes_{name}", last.gathered_bytes, "W full states", old_gathered),
             row("scale_sim", f"state_ranges_{name}", last.ranges, "no snapping/rotation", old_ranges[-1]),
         ]
+    for world in (512, 64):
+        seconds, files = completeness_seconds(world)
+        old = old_completeness_seconds(world)
+        figures[f"completeness_seconds_w{world}"] = seconds
+        figures[f"baseline_completeness_seconds_w{world}"] = old
+        figures[f"checkpoint_files_w{world}"] = files
+        print(f"completeness check of a {world}-rank checkpoint ({files} files): {seconds * 1e3:.2f} ms "
+              f"(before: glob per rank over the listing, {old * 1e3:.0f} ms)")
+        rows.append(row("scale_sim", f"completeness_seconds_w{world}", seconds, "glob per rank (before)", old))
     figures.update(extra or {})
     print()
     print_table(rows)
