@@ -304,11 +304,11 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trip.cli import add_config_args
+    from trip.cli import add_config_args, parse_args
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description=__doc__.split("\n")[0])
     add_config_args(parser)
-    return cli(parser.parse_args(argv))
+    return cli(parse_args(parser, argv))
 
 
 if __name__ == "__main__":

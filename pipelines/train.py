@@ -162,11 +162,11 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trip.cli import add_config_args
+    from trip.cli import add_config_args, parse_args
 
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     add_config_args(ap)
-    return cli(ap.parse_args(argv))
+    return cli(parse_args(ap, argv))
 
 
 if __name__ == "__main__":

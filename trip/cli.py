@@ -11,11 +11,28 @@ import importlib
 import sys
 
 
-def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--config and --set, shared by every job entry point (trip CLI and pipelines/*.py)."""
-    p.add_argument("--config", "-c", required=required, help="run config YAML (see pipelines/configs/)")
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The run config (positional FILE or --config/-c FILE) and --set, shared by every job
+    entry point (trip CLI and pipelines/*.py); parse with `parse_args` below."""
+    p.add_argument("config_file", nargs="?", default=None, metavar="FILE",
+                   help="run config YAML (see pipelines/configs/); same as --config")
+    p.add_argument("--config", "-c", default=None, metavar="FILE", help="run config YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, then one run config path in `args.config`, whichever way it was
+    given; argparse's usage error when there is none or two different ones."""
+    args = parser.parse_args(argv)
+    if hasattr(args, "config_file"):
+        if args.config_file and args.config and args.config_file != args.config:
+            parser.error(f"two run configs given: {args.config_file} and --config {args.config}")
+        args.config = args.config_file or args.config
+        if not args.config:
+            parser.error(f"{getattr(args, 'command', None) or parser.prog}: a run config is required "
+                         "(FILE or --config FILE)")
+    return args
 
 
 def _config_cmd(args: argparse.Namespace) -> int:
@@ -93,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from trip.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as e:

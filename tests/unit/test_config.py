@@ -81,3 +81,17 @@ def test_cli_config_validate_and_show(capsys, tmp_path):
     bad = _write(tmp_path, "nonsense: 1\n")
     assert trip_main(["config", "validate", "-c", str(bad)]) == 2
     assert "unknown key 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_takes_the_config_file_positionally_too(capsys, tmp_path):
+    assert trip_main(["config", "validate", TINY]) == 0
+    assert f"{TINY}: OK" in capsys.readouterr().out
+    assert trip_main(["config", "show", TINY, "--set", "train.seed=6"]) == 0
+    assert "seed: 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        trip_main(["config", "validate"])
+    assert e.value.code == 2 and "a run config is required" in capsys.readouterr().err
+    other = _write(tmp_path, "train:\n  seed: 1\n")
+    with pytest.raises(SystemExit):
+        trip_main(["config", "validate", TINY, "-c", str(other)])
+    assert "two run configs given" in capsys.readouterr().err
