@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import print_table, row
+from bench.common import print_table, row, time_it
 from trip.data.loader import STATE_VERSION, LatentLoader
 from trip.data.plan import Intervals, RankPlan, Split
 
@@ -193,12 +193,8 @@ def completeness_seconds(world: int) -> tuple[float, int]:
         files[ckpt.partition_file("weights", r, world)] = 3000 + r
         files[ckpt.partition_file("ema", r, world)] = 4000 + r
     listing = dict(reversed(list(files.items())))  # a listing comes back in its own order
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        assert not ckpt.missing_files(files, listing)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(files)
+    assert not ckpt.missing_files(files, listing)
+    return time_it(lambda: ckpt.missing_files(files, listing), warmup=0, iters=5), len(files)
 
 
 def old_completeness_seconds(world: int) -> float:
