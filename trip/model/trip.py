@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,9 +38,10 @@ def alphas_cumprod_for(cfg: DiffusionConfig) -> torch.Tensor:
     return sched.alphas_cumprod.clone().float()
 
 
-@dataclass
-class TRIPOutput:
-    """What one forward pass predicts, each [B, C, F, H, W]."""
+class TRIPOutput(NamedTuple):
+    """What one forward pass predicts, each [B, C, F, H, W]. A named tuple, not a dataclass:
+    DeepSpeed ZeRO-3 finds a module's output tensors (to hook its backward) only in tensors,
+    tuples, lists and dicts."""
 
     noise: torch.Tensor  # fused prediction eps_hat
     residual: torch.Tensor  # UNet output delta
