@@ -68,25 +68,25 @@ def measure(world: int, steps: int, rounds: int, work: str, proxy, bucket: str, 
     from pipelines.train import run_training
     from trip.data.synth import write_synthetic_dataset
     from trip.train import checkpoint as ckpt
+    from trip.train.callbacks import RecordSteps
 
     data = os.path.join(work, "data")
     if not os.path.exists(data):
         write_synthetic_dataset(data, [16] * 4, latent_shape=(8, 192, 4, 4), text_shape=None)
     debug = os.path.join(work, f"debug-{world}")
-    os.environ["TRIP_TRAIN_DEBUG_DIR"] = debug  # worker pids, to attribute bytes on the wire
+    record = [RecordSteps(debug)]  # worker pids, to attribute bytes on the wire
     name, storage = f"io-{world}", f"{bucket}/runs"
     ray.init(num_cpus=world, include_dashboard=False, log_to_driver=False)
     try:
         # the first run talks to the S3 server directly, as the raw put does; the resume goes
         # through the proxy, which counts what each worker process downloads
         os.environ["AWS_ENDPOINT_URL"] = direct
-        first = run_training(_config(data, storage, name, world, steps, work))
+        first = run_training(_config(data, storage, name, world, steps, work), record)
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         proxy.reset()
-        resumed = run_training(_config(data, storage, name, world, steps + 2, work))
+        resumed = run_training(_config(data, storage, name, world, steps + 2, work), record)
     finally:
         ray.shutdown()
-        os.environ.pop("TRIP_TRAIN_DEBUG_DIR", None)
     assert first.steps == steps and resumed.steps == steps + 2, (first, resumed)
     run = ckpt.RunDir(storage, name)
     found = ckpt.Found(steps, run.checkpoint_url(steps), run.record(steps))

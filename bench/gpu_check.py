@@ -421,11 +421,11 @@ def _build_fused_adam(timeout: float) -> tuple[float, str | None]:
     return seconds, None
 
 
-def _debug_step(debug_dir: str) -> int | None:
-    """The step the rank-0 worker started from, from TRIP_TRAIN_DEBUG_DIR/worker-rank0.json."""
+def _start_step(record_dir: str) -> int | None:
+    """The step the rank-0 worker started from, from RecordSteps' worker-rank0.json."""
     try:
-        with open(os.path.join(debug_dir, "worker-rank0.json")) as fh:
-            return int(json.load(fh)["step"])
+        with open(os.path.join(record_dir, "worker-rank0.json")) as fh:
+            return int(json.load(fh)["start_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -474,6 +474,7 @@ def _ray_runs(args: argparse.Namespace, figs: Figures, work: str, use_gpu: bool)
     import ray
 
     from pipelines.train import run_training
+    from trip.train.callbacks import RecordSteps
 
     first_steps = 2 if args.quick else 4
     final_steps = first_steps + (1 if args.quick else 2)
@@ -521,29 +522,28 @@ def _ray_runs(args: argparse.Namespace, figs: Figures, work: str, use_gpu: bool)
              object_store_memory=2 * 2**30)
     _say(f"ray.init in {time.perf_counter() - t0:.1f} s")
     try:
-        os.environ["TRIP_TRAIN_DEBUG_DIR"] = debug1 = os.path.join(work, "debug-first")
+        debug1 = os.path.join(work, "debug-first")
         t0 = time.perf_counter()
-        first = run_training(cfg1)
+        first = run_training(cfg1, [RecordSteps(debug1)])
         figs.set(ray_first_seconds=time.perf_counter() - t0, ray_first_steps=first.steps,
                  ray_first_save_seconds=_save_seconds(first), ray_checkpoint_gib=_checkpoint_gib(cfg1))
         _say(f"first run: {first.steps} steps in {figs['figures']['ray_first_seconds']:.1f} s "
-             f"(started at step {_debug_step(debug1)}), checkpoint {first.checkpoint}")
+             f"(started at step {_start_step(debug1)}), checkpoint {first.checkpoint}")
 
-        os.environ["TRIP_TRAIN_DEBUG_DIR"] = debug2 = os.path.join(work, "debug-resume")
+        debug2 = os.path.join(work, "debug-resume")
         t0 = time.perf_counter()
-        second = run_training(cfg2)
-        resumed_at = _debug_step(debug2)
+        second = run_training(cfg2, [RecordSteps(debug2)])
+        resumed_at = _start_step(debug2)
         figs.set(ray_resume_seconds=time.perf_counter() - t0, ray_final_steps=second.steps,
                  resumed_at_step=resumed_at, ray_resume_save_seconds=_save_seconds(second),
                  ray_samples_per_second=second.samples_per_second or None,
                  ray_resume_ok=(resumed_at == first.steps and second.steps == final_steps
                                 if resumed_at is not None else None))
         if resumed_at is None:
-            figs.note("resumed_at_step unknown: the worker wrote no TRIP_TRAIN_DEBUG_DIR/worker-rank0.json")
+            figs.note("resumed_at_step unknown: the worker wrote no worker-rank0.json (RecordSteps)")
         _say(f"resumed run: at step {resumed_at}, {second.steps} steps in "
              f"{figs['figures']['ray_resume_seconds']:.1f} s")
     finally:
-        os.environ.pop("TRIP_TRAIN_DEBUG_DIR", None)
         ray.shutdown()
 
 

@@ -26,6 +26,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from trip.cli import add_verbose_arg
+from trip.log import get_logger, set_verbose
+from trip.log import setup as setup_logging
+
 CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
 # On top of tiny_cpu.yaml. A CPU step of the tiny model costs about the same for 4 or 16
 # samples (overheads dominate), and measured on 2 cores a from-scratch model needs roughly
@@ -35,8 +39,11 @@ DEMO_OVERRIDES = ["data.micro_batch_size=16", "train.global_batch_size=32", "tra
                   "train.checkpoint_every=200", "train.log_every=25"]
 
 
+log = get_logger("demo")
+
+
 def _say(step: str, text: str) -> None:
-    print(f"\n[demo] {step}: {text}", flush=True)
+    log.info(f"{step}: {text}")
 
 
 @contextlib.contextmanager
@@ -63,7 +70,7 @@ def embedded_store(out: Path, s3: bool) -> Iterator[str]:
         import s3fs
 
         s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("trip-demo")
-        print(f"[demo] S3 server on {endpoint}, bucket s3://trip-demo", flush=True)
+        log.info(f"S3 server on {endpoint}, bucket s3://trip-demo")
         yield "s3://trip-demo"
     finally:
         server.stop()
@@ -75,8 +82,9 @@ def local_ray() -> Iterator[None]:
     after the store so that workers inherit its endpoint settings."""
     import ray
 
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-             log_to_driver=True)
+    from trip.log import init_ray
+
+    init_ray(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=True)
     try:
         yield
     finally:
@@ -135,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     ap.add_argument("--videos", type=int, default=64, help="synthetic videos to generate")
     ap.add_argument("--sample-steps", type=int, default=None, help="DDIM steps for the samples (default: config)")
+    add_verbose_arg(ap)
     args = ap.parse_args(argv)
+    setup_logging()
+    set_verbose(args.verbose)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.perf_counter()
@@ -155,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
         _say("2/4 preprocess", f"Ray Data job -> latent shards in {cfg.preprocess.output}")
         pre = run_preprocess(cfg.preprocess, cfg.codec)
-        print(f"[demo] {pre.index['num_samples']} samples in {len(pre.index['shards'])} shards "
-              f"({pre.seconds:.1f} s)", flush=True)
+        log.info(f"{pre.index['num_samples']} samples in {len(pre.index['shards'])} shards ({pre.seconds:.1f} s)")
 
         from pipelines.train import run_training
 

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,10 +51,6 @@ _SPEED_ONLY = ("csv", "output", "limit", "encode_batch_size", "encode_actors", "
 
 
 _DECODE_MEMORY = 256 * 1024**2  # bytes a decode task may hold (one compressed video + frames)
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by the `fail_after_shards` test hook to stop a job mid-way."""
 
 
 @dataclass
@@ -134,12 +130,14 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    from trip.log import init_ray
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        init_ray(address=address)
     else:
         # address="local": start our own instance even if another cluster runs on this machine
-        ray.init(address="local", num_cpus=num_cpus or max(2, min(4, os.cpu_count() or 2)),
+        init_ray(address="local", num_cpus=num_cpus or max(2, min(4, os.cpu_count() or 2)),
                  include_dashboard=False)
     try:
         yield
@@ -175,6 +173,9 @@ def _build_dataset(items: list[dict[str, Any]], pre: PreprocessConfig, codec: Co
     import ray
     import ray.data
 
+    from trip.log import quiet_dependencies
+
+    quiet_dependencies()  # again: importing ray.data configures its loggers afresh
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts videos and errors
     ctx.print_on_execution_start = False
@@ -204,10 +205,16 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
+ShardCallback = Callable[[int, dict[str, Any]], None]
+
+
 def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool = True,
-                   fail_after_shards: int | None = None) -> JobResult:
-    """Run (or resume) the job; returns what it did. `fail_after_shards` is a test hook
-    that raises `SimulatedCrash` after that many shards were committed in this run."""
+                   on_shard_committed: ShardCallback | None = None) -> JobResult:
+    """Run (or resume) the job; returns what it did.
+
+    `on_shard_committed(shard, record)` is called in the driver after each shard this run
+    commits (its progress record: samples, errors, bytes), e.g. to report progress elsewhere;
+    an exception it raises stops the job with everything committed so far kept."""
     from data_tools.encode import codec_identity, latent_shape, text_encoder_identity
 
     t0 = time.perf_counter()
@@ -229,7 +236,7 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
     counts = {"ok": 0, "skipped": 0, "error": 0}
     if pending:
         with ray_session():
-            _run_pending(writer, pending, records, pre, codec, counts, progress, fail_after_shards)
+            _run_pending(writer, pending, records, pre, codec, counts, progress, on_shard_committed)
     extra = {"sampling": {"num_frames": pre.num_frames, "fps": pre.fps, "frame_stride": pre.frame_stride,
                           "start_offset": pre.start_offset, "resolution": pre.resolution}}
     index = writer.finish(records, codec=ident, text_encoder=text_ident, extra=extra)
@@ -240,13 +247,12 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
 
 def _run_pending(writer: ShardPlanWriter, pending: list[int], records: dict[int, dict[str, Any]],
                  pre: PreprocessConfig, codec: CodecConfig, counts: dict[str, int], progress: bool,
-                 fail_after_shards: int | None) -> None:
+                 on_shard_committed: ShardCallback | None) -> None:
     """Stream the pending shards' rows through Ray Data and commit each shard when complete."""
     rows = writer.rows
     items = [{"ordinal": i, "shard": s, "videoid": rows[i].videoid, "url": rows[i].url,
               "caption": rows[i].caption} for s in pending for i in writer.shards[s]]
     buffers: dict[int, list[Outcome]] = defaultdict(list)
-    committed_now = 0
     bar = _progress_bar(len(rows), len(rows) - len(items), progress)
     try:
         for rec in _build_dataset(items, pre, codec).iter_rows():
@@ -265,9 +271,8 @@ def _run_pending(writer: ShardPlanWriter, pending: list[int], records: dict[int,
             if records[shard]["info"]:
                 metrics.BYTES.inc(records[shard]["info"]["bytes"])
             metrics.SHARDS.inc()
-            committed_now += 1
-            if fail_after_shards is not None and committed_now >= fail_after_shards:
-                raise SimulatedCrash(f"stopping after {committed_now} committed shard(s) (test hook)")
+            if on_shard_committed is not None:
+                on_shard_committed(shard, records[shard])
     finally:
         bar.close()
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from trip import storage
 from trip.config import Config, ConfigError, load_config, to_dict
+from trip.log import get_logger, verbose
+from trip.train.callbacks import TrainCallback
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -79,15 +84,15 @@ def _check_storage(path: str) -> None:
     if not ok:
         raise ConfigError(f"run.storage_path {path}: bucket {bucket!r} does not exist")
 
-
 # Non-secret settings a worker must see like the driver does (a Ray cluster started earlier
 # would not have them). Credentials are never forwarded: workers read their own environment.
-FORWARD_ENV = ("TRIP_TRAIN_DEBUG_DIR", "TRIP_TRAIN_DEBUG_STEP_SLEEP", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+               "AWS_DEFAULT_REGION", "TRIP_LOG_LEVEL")
 
 
-def build_trainer(cfg: Config) -> Any:
-    """The TorchTrainer for this config (no worker starts until .fit())."""
+def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
+    """The TorchTrainer for this config (no worker starts until .fit()); `callbacks`
+    (`trip.train.callbacks.TrainCallback`) run in every worker."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -103,28 +108,35 @@ def build_trainer(cfg: Config) -> Any:
     path, fs = ray_storage(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "callbacks": list(callbacks)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            # the console setup runs first in every worker, also on a cluster we did not start
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
+                                "worker_process_setup_hook": "trip.log.setup_ray_worker"},
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train's INFO (resource requests, worker group starts) stays in its log files
+            logging_config=ray.train.LoggingConfig(log_level="DEBUG" if verbose() else "WARNING")),
     )
 
 
-def run_training(cfg: Config) -> TrainResult:
-    """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result."""
+def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+    """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result.
+    `callbacks` run in every worker (`trip.train.callbacks`)."""
     validate(cfg)
     import ray
+
+    from trip.log import init_ray
 
     if not ray.is_initialized():
         # our own local Ray unless told where the cluster is: never join whatever Ray
         # instance happens to run on this machine
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    build_trainer(cfg).fit()
+        init_ray(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    build_trainer(cfg, callbacks).fit()
     return read_result(cfg)
 
 
@@ -147,7 +159,7 @@ def read_result(cfg: Config) -> TrainResult:
                        metrics=summary)
 
 
-def cli(args: argparse.Namespace) -> int:
+def cli(args: argparse.Namespace, callbacks: Sequence[TrainCallback] = ()) -> int:
     """`trip train --config X [--set k=v ...]`."""
     try:
         cfg = load_config(args.config, args.overrides)
@@ -155,18 +167,21 @@ def cli(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = run_training(cfg)
-    print(f"[trip] done: {res.steps} steps, final loss {res.final_loss:.4f}, {res.samples_per_second:.1f} samples/s")
-    print(f"[trip] checkpoint {res.checkpoint}\n[trip] plot {res.plot}\n[trip] summary {res.summary}")
+    res = run_training(cfg, callbacks)
+    log.info(f"done: {res.steps} steps, final loss {res.final_loss:.4f}, {res.samples_per_second:.1f} samples/s")
+    log.info(f"checkpoint {res.checkpoint}")
+    log.info(f"plot {res.plot}")
+    log.info(f"summary {res.summary}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainCallback] = ()) -> int:
+    """The command line; a script that wraps it can pass `callbacks` for the workers."""
     from trip.cli import add_config_args, parse_args
 
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     add_config_args(ap)
-    return cli(parse_args(ap, argv))
+    return cli(parse_args(ap, argv), callbacks)
 
 
 if __name__ == "__main__":

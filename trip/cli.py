@@ -19,12 +19,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, metavar="FILE", help="run config YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    add_verbose_arg(p, default=argparse.SUPPRESS)
+
+
+def add_verbose_arg(p: argparse.ArgumentParser, default: object = False) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", default=default,
+                   help="show everything: debug logs, every rank's, and the dependencies' "
+                        "(same as TRIP_LOG_LEVEL=debug)")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser.parse_args`, then one run config path in `args.config`, whichever way it was
-    given; argparse's usage error when there is none or two different ones."""
+    given; argparse's usage error when there is none or two different ones. Sets up the
+    console (`trip.log`) for this process, with --verbose if given."""
+    from trip.log import set_verbose, setup
+
     args = parser.parse_args(argv)
+    setup()
+    set_verbose(bool(getattr(args, "verbose", False)))
     if hasattr(args, "config_file"):
         if args.config_file and args.config and args.config_file != args.config:
             parser.error(f"two run configs given: {args.config_file} and --config {args.config}")
@@ -57,6 +69,7 @@ def _dispatch(target: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trip", description="TRIP image-to-video training platform")
+    add_verbose_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("config", help="show or validate a run config")

@@ -25,7 +25,7 @@ from data_tools.models import save_random_clip_text, save_random_vae
 from data_tools.shards import read_shard
 from data_tools.synth import make_dataset, write_csv, write_video
 from data_tools.webvid import read_rows
-from pipelines.preprocess import SimulatedCrash, run_preprocess
+from pipelines.preprocess import run_preprocess
 from trip import storage
 from trip.codec import LosslessCodec
 from trip.config import CodecConfig, PreprocessConfig
@@ -169,9 +169,15 @@ def test_rerun_after_a_crash_equals_a_clean_run(ray_local, s3_server, local_data
     crashed, clean = "s3://pp-resume/crashed", "s3://pp-resume/clean"
     kw = dict(csv=csv_path, video_root=None)
 
-    with pytest.raises(SimulatedCrash):
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_the_first(shard: int, record: dict) -> None:
+        raise Crash(f"stopping after shard {shard}")
+
+    with pytest.raises(Crash):
         run_preprocess(_pre(local_data, crashed, **kw), CodecConfig(), progress=False,
-                       fail_after_shards=1)
+                       on_shard_committed=crash_after_the_first)
     partial = _objects(crashed)
     assert sorted(partial) == ["/_progress/shard-000000.json", "/shard-000000.tar"]
 

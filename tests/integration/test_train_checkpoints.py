@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.callbacks import recording
 from tests.integration.test_train_faults import assert_exactly_once, max_step, rows, wait_for
 from tests.s3proxy import S3Proxy
 
@@ -66,7 +67,7 @@ def test_resume_at_the_same_size_downloads_only_each_ranks_own_files(s3_bucket, 
     from trip.train import checkpoint as ckpt
 
     debug = tmp_path / "debug"
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_DIR", str(debug))
+    record = recording(debug)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     data = _local_dataset(tmp_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -76,10 +77,10 @@ def test_resume_at_the_same_size_downloads_only_each_ranks_own_files(s3_bucket, 
     try:
         ray.init(address=cluster.address)
         storage = f"{s3_bucket}/runs"
-        first = run_training(_config(storage, data, "three", 4, **{"scaling.num_workers": 3}))
+        first = run_training(_config(storage, data, "three", 4, **{"scaling.num_workers": 3}), record)
         assert first.steps == 4
         proxy.reset()
-        second = run_training(_config(storage, data, "three", 6, **{"scaling.num_workers": 3}))
+        second = run_training(_config(storage, data, "three", 6, **{"scaling.num_workers": 3}), record)
         assert second.steps == 6
     finally:
         ray.shutdown()
@@ -106,8 +107,7 @@ def test_sigkill_while_an_upload_is_in_flight_resumes_from_the_previous_checkpoi
     from trip.train import checkpoint as ckpt
 
     debug = tmp_path / "debug"
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_DIR", str(debug))
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0.3")
+    record = recording(debug, slow=0.3)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     import s3fs
 
@@ -135,7 +135,7 @@ def test_sigkill_while_an_upload_is_in_flight_resumes_from_the_previous_checkpoi
     try:
         t = threading.Thread(target=killer, daemon=True)
         t.start()
-        res = run_training(_config(storage, data, "held", 8, **{"run.max_failures": 2}))
+        res = run_training(_config(storage, data, "held", 8, **{"run.max_failures": 2}), record)
         t.join(5)
     finally:
         proxy.release()
@@ -157,8 +157,7 @@ def test_sigterm_checkpoints_within_the_grace_and_the_resumed_run_repeats_no_ste
     from trip.train import checkpoint as ckpt
 
     debug = tmp_path / "debug"
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_DIR", str(debug))
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0.3")
+    record = recording(debug, slow=0.3)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     data = _local_dataset(tmp_path)
     storage = str(tmp_path / "runs")
@@ -176,7 +175,7 @@ def test_sigterm_checkpoints_within_the_grace_and_the_resumed_run_repeats_no_ste
         t.start()
         # no periodic checkpoint before the end: the only one mid-run is the preemption's
         res = run_training(_config(storage, data, "term", 12, **{"train.checkpoint_every": 100, "run.max_failures": 2,
-                                                               "run.preemption_grace_s": grace}))
+                                                               "run.preemption_grace_s": grace}), record)
         t.join(5)
     finally:
         ray.shutdown()

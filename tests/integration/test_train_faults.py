@@ -6,8 +6,8 @@
 - Elastic: a 2-node run loses a node (2 -> 1 worker, resumed through DeepSpeed's universal
   checkpoint) and gets it back (1 -> 2); the global batch stays 8 and data stays exactly-once.
 
-Keys come from `TRIP_TRAIN_DEBUG_DIR`: each rank logs the keys of every step with the id of
-its worker-group attempt, so steps redone after a restart are told apart.
+Keys come from the `RecordSteps` callback: each rank logs the keys of every step with the id
+of its worker-group attempt, so steps redone after a restart are told apart.
 """
 
 from __future__ import annotations
@@ -76,11 +76,10 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
     import ray
 
     from pipelines.train import run_training
+    from tests.integration.callbacks import recording
     from tests.integration.test_train_ray import make_config
 
     debug = tmp_path / "debug"
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_DIR", str(debug))
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0.3")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     killed: list[int] = []
 
@@ -95,7 +94,8 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         # bf16 here: the precision does not change the fault handling, and the path gets run
-        res = run_training(make_config(s3_bucket, "killed", 8, **{"run.max_failures": 2, "train.precision": "bf16"}))
+        res = run_training(make_config(s3_bucket, "killed", 8, **{"run.max_failures": 2, "train.precision": "bf16"}),
+                           recording(debug, slow=0.3))
         t.join(5)
     finally:
         ray.shutdown()
@@ -119,9 +119,7 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
     # 2-core machine) before the run ends, whenever the shrink happened.
     STEPS = 40  # noqa: N806
     debug = tmp_path / "debug"
-    for k, v in {"TRIP_TRAIN_DEBUG_DIR": str(debug), "TRIP_TRAIN_DEBUG_STEP_SLEEP": "0.4",
-                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     cfg = make_config(s3_bucket, "elastic", STEPS, **{"scaling.min_workers": 1, "scaling.max_workers": 2,
                                                     "scaling.resize_check_s": 1.0, "run.max_failures": 4})
@@ -136,7 +134,8 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
         "scaling.min_workers": 1, "scaling.max_workers": 2, "scaling.resize_check_s": 1.0,
         "run.max_failures": 4}.items()]
     env = dict(os.environ, RAY_ADDRESS=cluster.address)
-    cmd = [sys.executable, "-m", "pipelines.train", "--config", str(TINY)]
+    cmd = [sys.executable, "-m", "tests.integration.callbacks", "--record", str(debug), "--slow", "0.4",
+           "--config", str(TINY)]
     for s in sets:
         cmd += ["--set", s]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

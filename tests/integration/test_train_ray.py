@@ -98,18 +98,18 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     import s3fs
 
     from pipelines.train import run_training
+    from trip.train.callbacks import RecordSteps
 
     if shutil.which("prometheus") is None:
         subprocess.run(["apt-get", "install", "-y", "prometheus"], check=True, capture_output=True)
     debug = tmp_path / "debug"
-    monkeypatch.setenv("TRIP_TRAIN_DEBUG_DIR", str(debug))
     port = free_port()
     prom = Prometheus([f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"], tempfile.mkdtemp(dir=tmp_path))
     try:
         # run A, part 1: 4 of 6 steps (the LR schedule is constant after warmup, so stopping
         # early is the same trajectory as an interrupted 6-step run)
         cfg = make_config(s3_bucket, "resumed", 4, port=port)
-        first = run_training(cfg)
+        first = run_training(cfg, [RecordSteps(str(debug))])
         assert first.steps == 4
         # both ranks were scraped while training (the exporters stop with the run, so query
         # over a window: range selectors skip the staleness markers)
@@ -151,6 +151,9 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     run = RunDir(f"{s3_bucket}/runs", "resumed")
     assert run.steps() == [2, 4]
     found = run.latest()
+    # the callbacks saw every commit, on rank 0 only, with the checkpoint's url
+    commits = [json.loads(line) for line in (debug / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["url"]) for c in commits] == [(2, run.checkpoint_url(2)), (4, found.url)]
     assert first.checkpoint == found.url and found.url.startswith("s3://")
     assert found.step == 4 and found.record["world_size"] == 2
     assert "history" not in found.record  # the loss history lives in history/*.jsonl

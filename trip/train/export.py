@@ -17,7 +17,10 @@ import tempfile
 from typing import Any
 
 from trip import storage
+from trip.log import get_logger
 from trip.train import checkpoint as ckpt
+
+log = get_logger(__name__)
 
 
 def resolve(url: str) -> ckpt.Found:
@@ -65,7 +68,7 @@ def export_checkpoint(checkpoint: str, out: str, use_ema: bool = True) -> str:
             partitions.consolidate(files, target, dtype=torch.float32, kind=kind)
             os.replace(target, os.path.join(local, WEIGHTS_NAME))
             model.write_config(local, extra={"codec": to_dict(cfg.codec), "sample": to_dict(cfg.sample)})
-    print(f"[trip] exported {kind} of step {found.step} from {found.url} -> {out}")
+    log.info(f"exported {kind} of step {found.step} from {found.url} -> {out}")
     return found.url
 
 

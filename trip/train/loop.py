@@ -20,20 +20,17 @@ rank writes its files locally and goes on training while they upload
 state to host memory; serializing and uploading run on a background thread, and rank 0
 commits the checkpoint once all files are in storage.
 
-`TRIP_TRAIN_DEBUG_DIR=<local dir>` makes each rank write `worker-rank<r>.json` (pid, world
-size, ZeRO partition fraction) and append the sample keys of every step to
-`keys-rank<r>.jsonl`: the fault-tolerance tests use them to kill a worker and to check
-that data is seen exactly once per epoch. `TRIP_TRAIN_DEBUG_STEP_SLEEP=<s>` slows every
-step down so that a test can resize the cluster while a tiny run is still going.
+Callbacks (`trip.train.callbacks`) passed to `pipelines.train.run_training` arrive in
+`loop_config["callbacks"]` and run on every rank at start, after every step and (rank 0)
+after every committed checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,25 +39,24 @@ import torch.distributed as dist
 
 from trip import storage
 from trip.config import Config, config_from_dict, to_dict
+from trip.log import get_logger, prints_to_debug
+from trip.log import setup as setup_logging
 from trip.train import checkpoint as ckpt
+from trip.train.callbacks import StepInfo, TrainCallback, WorkerInfo
 
-
-def _log(rank: int, text: str, every_rank: bool = False) -> None:
-    """A progress line from rank 0 (or from every rank), written to stdout once: Ray Train
-    patches `print` in workers to also go through its logger, which showed each line twice."""
-    if rank == 0 or every_rank:
-        sys.stdout.write(f"[trip] {text}\n")
-        sys.stdout.flush()
+log = get_logger(__name__)  # rank-aware (trip.log): other ranks show only warnings
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config["config"]` is the run config as a dict."""
     import ray.train
 
-    cfg: Config = config_from_dict(loop_config["config"], "run config")
     ctx = ray.train.get_context()
+    setup_logging(rank=ctx.get_world_rank())
+    cfg: Config = config_from_dict(loop_config["config"], "run config")
     with tempfile.TemporaryDirectory(prefix="trip-worker-") as scratch:
-        trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), scratch)
+        trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), scratch,
+                          callbacks=loop_config.get("callbacks") or ())
         trainer.run()
 
 
@@ -88,7 +84,8 @@ def _gather(obj: Any, rank: int, world: int, group: Any = None) -> list[Any] | N
 class Trainer:
     """One rank's engine, loader, EMA, checkpoints and metrics."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, scratch: str) -> None:
+    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, scratch: str,
+                 callbacks: Sequence[TrainCallback] = ()) -> None:
         import deepspeed  # inside the worker only: importing it on the driver can break (Ray #50406)
 
         from trip.data import LatentLoader
@@ -100,6 +97,7 @@ class Trainer:
         from trip.train.preemption import Preemption
 
         self.cfg, self.rank, self.world, self.scratch = cfg, rank, world, scratch
+        self.callbacks = list(callbacks)
         self.on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", local_rank) if self.on_gpu else torch.device("cpu")
         if self.on_gpu:
@@ -129,8 +127,9 @@ class Trainer:
         params = [{"params": groups[n], "lr": lr, "name": n} for n, lr in zip(self.group_names, self.base_lrs)]
         ds_cfg = deepspeed_config(cfg.train, micro_batch_size=cfg.data.micro_batch_size, grad_accum=self.accum,
                                   world_size=world, on_gpu=self.on_gpu, load_universal=universal)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=TRIPObjective(model, cfg.train.text_dropout), model_parameters=params, config=ds_cfg)
+        with prints_to_debug(__name__):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=TRIPObjective(model, cfg.train.text_dropout), model_parameters=params, config=ds_cfg)
         self.draws = SampleDraws(cfg.train.seed, cfg.diffusion.num_train_timesteps, cfg.train.text_dropout)
         self.named = list(self.engine.module.named_parameters())
         part = [p for _, p in self.named if hasattr(p, "ds_tensor")]
@@ -153,14 +152,18 @@ class Trainer:
         if found is not None:
             self._restore(found, universal)
             self.step, self.restarts = meta["step"], meta.get("restarts", 0) + 1
-            _log(rank, f"resumed at step {self.step} from {found.url} (saved at world size {meta['world_size']}, "
+            log.info(f"resumed at step {self.step} from {found.url} (saved at world size {meta['world_size']}, "
                        f"now {world}{'; via universal checkpoint' if universal else ''}); this rank read "
                        f"{self.resume_bytes / 1e6:.1f} MB")
         self.metrics = build_metrics(cfg.run.name, rank, local_rank, cfg.metrics.port, cfg.metrics.addr)
         self.metrics.world(world, self.restarts)
         if self.metrics.url:
-            _log(rank, f"rank {rank} metrics at {self.metrics.url}", every_rank=True)
-        self._debug_setup()
+            log.info(f"rank {rank} metrics at {self.metrics.url}")
+        self.worker = WorkerInfo(rank=rank, world_size=world, pid=os.getpid(),
+                                 attempt=_broadcast(time.time()), start_step=self.step, restarts=self.restarts,
+                                 partition_fraction=self.partition_fraction, resume_bytes=self.resume_bytes)
+        for cb in self.callbacks:
+            cb.on_start(self.worker)
 
     # ------------------------------------------------------------------ resume
 
@@ -169,7 +172,7 @@ class Trainer:
         found = self.run_dir.latest() if self.rank == 0 else None
         found = _broadcast(found)
         if found is not None and found.record["config_hash"] != self.cfg.hash():
-            _log(self.rank, f"warning: checkpoint config hash {found.record['config_hash']} != this run's "
+            log.warning(f"checkpoint config hash {found.record['config_hash']} != this run's "
                             f"{self.cfg.hash()}")
         return found
 
@@ -213,26 +216,6 @@ class Trainer:
         parts = partitions.read_local_partitions(files, names, rank=self.rank, world_size=self.world, kind="ema")
         self.ema.load_partitions(parts, strip=_strip)
 
-    # ------------------------------------------------------------------ debug hooks
-
-    def _debug_setup(self) -> None:
-        self.debug_dir = os.environ.get("TRIP_TRAIN_DEBUG_DIR")
-        self.step_sleep = float(os.environ.get("TRIP_TRAIN_DEBUG_STEP_SLEEP", "0") or 0)
-        self.attempt = _broadcast(time.time())  # one id per worker-group start, the same on every rank
-        if not self.debug_dir:
-            return
-        os.makedirs(self.debug_dir, exist_ok=True)
-        ckpt.write_json(os.path.join(self.debug_dir, f"worker-rank{self.rank}.json"),
-                        {"pid": os.getpid(), "rank": self.rank, "world_size": self.world, "step": self.step,
-                         "partition_fraction": self.partition_fraction, "attempt": self.attempt,
-                         "resume_bytes": self.resume_bytes})
-
-    def _debug_keys(self, keys: list[str], epochs: list[int]) -> None:
-        if self.debug_dir:
-            with open(os.path.join(self.debug_dir, f"keys-rank{self.rank}.jsonl"), "a") as fh:
-                fh.write(json.dumps({"attempt": self.attempt, "step": self.step, "world_size": self.world,
-                                     "epochs": epochs, "keys": keys}) + "\n")
-
     # ------------------------------------------------------------------ loop
 
     def _batches(self) -> Any:
@@ -263,7 +246,7 @@ class Trainer:
         from trip.train.preemption import Preempted
 
         cfg, rank = self.cfg, self.rank
-        _log(rank, f"world size {self.world}: {cfg.train.global_batch_size} samples per step = "
+        log.info(f"world size {self.world}: {cfg.train.global_batch_size} samples per step = "
                    f"{self.world} ranks x {self.accum} micro-batches of <= {cfg.data.micro_batch_size}; "
                    f"each rank holds {self.partition_fraction:.3f} of the partitioned parameters")
         it = self._batches()
@@ -299,9 +282,11 @@ class Trainer:
                 self.metrics.data_wait(self.loader.wait_seconds - wait0)
                 self.metrics.corrupt(self.loader.corrupt_samples - corrupt_seen)
                 corrupt_seen = self.loader.corrupt_samples
-                self._debug_keys(keys, epochs)
-                if self.step_sleep:
-                    time.sleep(self.step_sleep)
+                if self.callbacks:
+                    info = StepInfo(step=self.step, loss=loss, samples=samples, seconds=seconds,
+                                    keys=keys, epochs=epochs)
+                    for cb in self.callbacks:
+                        cb.on_step(self.worker, info)
                 steps_here += 1
                 elapsed = time.perf_counter() - t_start
                 sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
@@ -311,11 +296,11 @@ class Trainer:
                                                  "world_size": self.world, "time": time.time()})
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     eta = (cfg.train.max_steps - self.step) * elapsed / steps_here
-                    _log(rank, f"step {self.step}/{cfg.train.max_steps}  loss {loss:.4f}  {sps:.1f} samples/s  "
+                    log.info(f"step {self.step}/{cfg.train.max_steps}  loss {loss:.4f}  {sps:.1f} samples/s  "
                                f"ETA {eta:.0f} s")
                 if self.preemption.agreed(self.device):
                     left = self.preemption.seconds_left()
-                    _log(rank, f"preemption at step {self.step}: saving ({left:.0f} s of grace left)")
+                    log.info(f"preemption at step {self.step}: saving ({left:.0f} s of grace left)")
                     self.save(wait=True)
                     self.preemption.disarm()
                     raise Preempted(f"stopped at step {self.step} after a termination request; the "
@@ -326,6 +311,7 @@ class Trainer:
             if last_saved != self.step:  # resumed at max_steps: save so the run has a final checkpoint
                 self.save(wait=True)
         finally:
+            self.preemption.finish()
             self.loader.close()
             self.metrics.close()
         self.writer.close()
@@ -400,11 +386,13 @@ class Trainer:
         self.metrics.checkpoint_saved(seconds)
         how = (f"writing, upload and commit {t_end - t_local:.3f} s" if wait
                else "files written, uploaded and committed in the background")
-        _log(self.rank, f"checkpoint at step {self.step}: training paused {seconds:.3f} s (host copies "
+        log.info(f"checkpoint at step {self.step}: training paused {seconds:.3f} s (host copies "
                         f"{t_local - t0:.3f} s; {how})")
 
     def _committed(self, step: int, seconds: float) -> None:
-        _log(self.rank, f"checkpoint at step {step} committed ({seconds:.2f} s of upload and commit)")
+        log.info(f"checkpoint at step {step} committed ({seconds:.2f} s of upload and commit)")
+        for cb in self.callbacks:
+            cb.on_checkpoint(self.worker, step, self.run_dir.checkpoint_url(step))
 
     def _write_report(self) -> None:
         from trip.train.report import write_report

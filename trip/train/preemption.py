@@ -42,10 +42,16 @@ class Preemption:
         self.grace_s = grace_s
         self.requested_at: float | None = None
         self._watchdog: threading.Timer | None = None
+        self.finished = False
 
     # ------------------------------------------------------------------ the signal
     def request(self, *_: Any) -> None:
-        """Record a termination request (signal handler; idempotent) and arm the watchdog."""
+        """Record a termination request (signal handler; idempotent) and arm the watchdog.
+        After `finish` there is nothing left to save: SIGTERM does what it does by default."""
+        if self.finished:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if self.requested_at is not None:
             return
         self.requested_at = time.monotonic()
@@ -68,6 +74,11 @@ class Preemption:
     def disarm(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+
+    def finish(self) -> None:
+        """Training is over on this rank (Ray stops the group with SIGTERM next)."""
+        self.finished = True
+        self.disarm()
 
     # ------------------------------------------------------------------ the group
     def agreed(self, device: torch.device) -> bool:

@@ -1,0 +1,41 @@
+"""Training callbacks the fault-tolerance tests register in the workers, and a driver
+script that runs `pipelines.train` with them (for tests that need the driver in its own
+process, e.g. to resize a `cluster_utils.Cluster` under it):
+
+    python -m tests.integration.callbacks --record DIR [--slow S] CONFIG [--set k=v ...]
+
+Ray puts the driver's working directory on the workers' path, so `tests.integration`
+imports there when the driver runs from the repository root."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from trip.train.callbacks import RecordSteps, StepInfo, TrainCallback, WorkerInfo
+
+
+class SlowSteps(TrainCallback):
+    """Sleeps after every step, so that a test can kill or resize while a tiny run goes on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step(self, worker: WorkerInfo, step: StepInfo) -> None:
+        time.sleep(self.seconds)
+
+
+def recording(directory: object, slow: float = 0.0) -> list[TrainCallback]:
+    """RecordSteps into `directory` (worker pids, keys per step), slowed by `slow` s a step."""
+    return [RecordSteps(str(directory))] + ([SlowSteps(slow)] if slow else [])
+
+
+if __name__ == "__main__":
+    from pipelines.train import main
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--record", required=True)
+    ap.add_argument("--slow", type=float, default=0.0)
+    ours, rest = ap.parse_known_args()
+    sys.exit(main(rest, callbacks=recording(ours.record, ours.slow)))
