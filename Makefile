@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/trip-torch-extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup system-deps test test-unit demo lint bench gpu-check clean manifests lock
+.PHONY: help setup system-deps test test-unit demo lint bench gpu-check clean helm-schema manifests lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,7 +59,10 @@ bench: setup system-deps ## run every benchmark and print a table of ratios
 gpu-check: ## one-shot GPU check (base step MFU, Ray+DeepSpeed resume, VAE); ARGS='--quick --out DIR'
 	$(PY) -m bench.gpu_check $(ARGS)
 
-manifests: setup ## regenerate k8s/ (kustomize) from the Helm chart after changing helm/trip
+helm-schema: setup ## regenerate the chart's runConfig schema and defaults and its values table
+	$(PY) helm/generate.py
+
+manifests: helm-schema ## regenerate k8s/ (kustomize) from the Helm chart after changing helm/trip
 	$(PY) k8s/generate.py
 
 clean: ## remove outputs (keeps .venv)

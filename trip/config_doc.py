@@ -19,7 +19,8 @@ from trip import config as C
 _FIELD = re.compile(r"^\s+(\w+):\s*[^=]+?(?:=.*?)?(?:#\s*(.*))?$")
 
 
-def _comments(cls: type) -> dict[str, str]:
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the inline `# comment` after it in the class source."""
     out = {}
     for line in inspect.getsource(cls).splitlines():
         m = _FIELD.match(line)
@@ -46,7 +47,7 @@ def _default(f: dataclasses.Field) -> str:
 
 def _section(cls: type, prefix: str, lines: list[str]) -> None:
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
+    comments = field_comments(cls)
     doc = (cls.__doc__ or "").strip().splitlines()
     lines += [f"## `{prefix}`", "", " ".join(d.strip() for d in doc), "",
               "| key | type | default | meaning |", "|---|---|---|---|"]

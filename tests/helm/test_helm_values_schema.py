@@ -4,6 +4,7 @@ message that names the key (the schema for shapes, the templates for relations).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from typing import Any
@@ -70,6 +71,35 @@ def test_templates_reject_inconsistent_values_naming_the_keys(values: dict[str, 
     assert names in rejection(values)
 
 
+@pytest.mark.parametrize(("values", "names"), [
+    ({"runConfig": {"train": {"max_stepz": 5}}}, "at '/runConfig/train': additional properties 'max_stepz' not allowed"),
+    ({"runConfig": {"model": {"unet": {"layers": 2}}}}, "at '/runConfig/model/unet': additional properties 'layers' not allowed"),
+    ({"runConfig": {"train": {"max_steps": "5k"}}}, "at '/runConfig/train/max_steps': got string, want integer"),
+    ({"runConfig": {"train": {"max_steps": 2.5}}}, "at '/runConfig/train/max_steps': got number, want integer"),
+    ({"runConfig": {"data": {"pin_memory": "yes"}}}, "at '/runConfig/data/pin_memory': got string, want boolean"),
+    ({"runConfig": {"train": {"betas": [0.9]}}}, "at '/runConfig/train/betas': minItems: got 1, want 2"),
+    ({"runConfig": {"train": {"precision": "fp16"}}}, "at '/runConfig/train/precision': value must be one of 'fp32', 'bf16'"),
+    ({"runConfig": {"codec": {"kind": "taesd"}}}, "at '/runConfig/codec/kind': value must be one of 'lossless', 'vae'"),
+])
+def test_schema_rejects_a_misspelt_or_mistyped_run_config_key_naming_it(values: dict[str, Any], names: str) -> None:
+    assert names in rejection(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"runConfig": {"train": {"lr_unet": 1}}},  # an integer where a float is expected, as the loader allows
+    {"runConfig": {"scaling": {"min_workers": None, "max_workers": None}}},  # Optional fields take null
+    {"runConfig": {"sample": {"steps": 25}}},  # a partial section: helm merges it over the defaults
+])
+def test_schema_accepts_what_the_run_config_loader_accepts(values: dict[str, Any]) -> None:
+    mc.chart().validate_schema(values)
+
+
+def test_install_with_a_misspelt_run_config_key_fails_before_rendering() -> None:
+    """`helm install`/`template` validate values the same way: nothing reaches the cluster."""
+    with pytest.raises(helm_python.HelmValuesError, match="additional properties 'max_stepz' not allowed"):
+        mc.chart().render({"runConfig": {"train": {"max_stepz": 5}}}, name="trip", namespace="ml")
+
+
 def test_render_itself_applies_the_schema() -> None:
     """`helm install` validates against values.schema.json; so does the SDK's render."""
     with pytest.raises(helm_python.HelmValuesError, match="/train/workers/replicas"):
@@ -87,8 +117,7 @@ def test_schema_is_draft07_and_closes_every_chart_owned_object() -> None:
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and where != "/properties/runConfig/properties/scaling" \
-                    and where != "/properties/runConfig/properties/metrics":
+            if node.get("type") == "object" and "properties" in node:
                 assert node.get("additionalProperties") is False, f"schema {where or '/'} is open"
             for key, child in node.items():
                 walk(child, f"{where}/{key}")
@@ -104,6 +133,23 @@ def test_schema_run_config_sections_are_exactly_trip_config_sections() -> None:
 
     sections = set(SCHEMA["properties"]["runConfig"]["properties"])
     assert sections == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_generated_schema_defaults_and_values_table_equal_a_fresh_generation() -> None:
+    spec = importlib.util.spec_from_file_location("helm_generate", mc.REPO / "helm" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    stale = [str(path.relative_to(mc.REPO)) for path in generate.stale_files()]
+    assert not stale, f"{stale} differ from a fresh generation: run `make helm-schema` (python helm/generate.py)"
+
+
+def test_default_run_config_is_base_256_apart_from_the_charts_scaling(tmp_path) -> None:
+    from trip.config import load_config
+
+    (tmp_path / "config.yaml").write_text(mc.one(mc.render_docs(), "ConfigMap", "-config")["data"]["config.yaml"])
+    rendered = load_config(tmp_path / "config.yaml").to_dict()
+    base = load_config(mc.REPO / "pipelines" / "configs" / "base_256.yaml").to_dict()
+    assert {k: v for k, v in rendered.items() if k != "scaling"} == {k: v for k, v in base.items() if k != "scaling"}
 
 
 def test_values_yaml_points_editors_to_the_schema() -> None:
