@@ -155,6 +155,14 @@ def setup_ray_worker() -> None:
     """Ray's `worker_process_setup_hook`: runs first in every Ray worker process and actor
     (training workers, Ray Train's controller, Ray Data's actors) of a job we start."""
     setup(rank=None)
+    # Ray Train's placement-group cleaner asks the state API about "the" cluster; with no
+    # address it looks for clusters on this machine and, when there are two (a second job
+    # or a test next to ours), its thread dies with a traceback. Name ours.
+    if "RAY_ADDRESS" not in os.environ:
+        import ray
+
+        with contextlib.suppress(Exception):
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def ray_init_kwargs() -> dict[str, Any]:
