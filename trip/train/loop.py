@@ -145,10 +145,11 @@ class Trainer:
         # the writer's thread gathers each checkpoint's facts on its own (gloo) group, so that
         # this never interleaves with the training step's collectives on the default group
         self.writer_group = dist.new_group(backend="gloo") if _collective() else None
-        from trip.train.snapshot import SnapshotEngine
+        from trip.train.snapshot import ZeroSnapshot
 
-        self.snapshots = SnapshotEngine()  # DeepSpeed's saves become host copies, written later
-        self.engine.checkpoint_engine = self.snapshots
+        # DeepSpeed's checkpoint files become host copies, written later; its bookkeeping runs
+        # once here instead of at every checkpoint
+        self.zero_files = ZeroSnapshot(self.engine, scratch, ckpt.DS_TAG)
         if found is not None:
             self._restore(found, universal)
             self.step, self.restarts = meta["step"], meta.get("restarts", 0) + 1
@@ -337,8 +338,7 @@ class Trainer:
         self.writer.wait()  # at most one upload in flight; it had a whole interval to finish
         staging = tempfile.mkdtemp(prefix=f"ckpt-{self.step}-", dir=self.scratch)
         ds_root = os.path.join(staging, "ds-root")
-        self.engine.save_checkpoint(ds_root, tag=ckpt.DS_TAG, client_state={"trip_step": self.step})
-        ds_saves = self.snapshots.take()
+        ds_saves = self.zero_files.capture(ds_root, {"trip_step": self.step})
         named = [(_strip(n), p) for n, p in self.named]
         copies = [("weights", host_copy_all([local_part(p) for _, p in self.named]))]
         if self.ema is not None:
