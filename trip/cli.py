@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.set_defaults(func=_dispatch("trip.train.export:cli"))
 
-    p = sub.add_parser("eval", help="F-Consistency, FVD and FID of generated videos")
+    p = sub.add_parser("eval", help="PSNR, SSIM, motion, F-Consistency, FVD and FID of generated videos")
     p.add_argument("--generated", required=True, help="directory of generated MP4/GIF clips")
-    p.add_argument("--reference", default=None, help="directory of reference clips or a latent shard set (for FVD/FID)")
+    p.add_argument("--reference", default=None, help="directory of reference clips or a latent shard set (PSNR/SSIM/motion of same-named clips; FVD/FID)")
     p.add_argument("--clip", default=None, help="CLIP model directory (for F-Consistency)")
     p.add_argument("--i3d", default=None, help="I3D weights (TorchScript or state dict) for FVD")
     p.add_argument("--inception", default=None, help="Inception weights (TorchScript or state dict) for FID")

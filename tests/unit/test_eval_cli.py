@@ -109,8 +109,9 @@ def test_eval_cli_writes_a_finite_report(assets: dict[str, str], tmp_path: Path,
     report = json.loads(out.read_text())
     assert report["num_generated"] == 4 and report["num_reference"] == 5 and report["num_frames"] == 8
     metrics = report["metrics"]
-    assert set(metrics) == {"f_consistency_4", "f_consistency_all", "fvd", "fid"}
+    assert {"f_consistency_4", "f_consistency_all", "fvd", "fid", "psnr", "ssim"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
+    assert report["paired"] == 4  # clip0..3 have same-named references (clip4 has no partner)
     assert -100.0 <= metrics["f_consistency_all"] < 100.0
     assert metrics["fvd"] > 0 and metrics["fid"] > 0  # different clips, different statistics
     assert sorted(report["per_video"]) == ["clip0.gif", "clip1.mp4", "clip2.mp4", "clip3.mp4"]
@@ -153,7 +154,36 @@ def test_eval_cli_bad_input_is_a_clear_error_and_writes_no_report(
     assert "no video files" in capsys.readouterr().err
     assert trip_main(["eval", "--generated", assets["generated"], "--out", str(out)]) == 2
     assert "nothing to compute" in capsys.readouterr().err
+    assert trip_main(["eval", "--generated", assets["generated"], "--reference", str(empty.parent / "broken"),
+                      "--out", str(out)]) == 2  # bad.mp4 is unreadable: named
+    assert "bad.mp4" in capsys.readouterr().err
+    unpaired = tmp_path / "unpaired"
+    unpaired.mkdir()
+    _write(unpaired / "other.mp4", _moving_square(np.random.default_rng(1)))
+    assert trip_main(["eval", "--generated", assets["generated"], "--reference", str(unpaired),
+                      "--out", str(out)]) == 2
+    assert "same name" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_cli_weight_free_quality_against_same_named_references(tmp_path: Path) -> None:
+    """No weights at all: PSNR, SSIM and motion per pair, a finite report."""
+    from data_tools.synth import ShapeMotion, draw_motion
+
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir(), ref.mkdir()
+    for i, d in enumerate(("right", "down")):
+        clip = draw_motion(ShapeMotion("square", "yellow", d, 0.5), 32, 8)
+        _write(ref / f"{i:03d}.mp4", clip)
+        _write(gen / f"{i:03d}.mp4", clip if i == 0 else np.repeat(clip[:1], 8, axis=0))  # 001: a still clip
+    out = tmp_path / "q.json"
+    assert trip_main(["eval", "--generated", str(gen), "--reference", str(ref), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    per = report["per_video"]
+    assert per["000.mp4"]["displacement_ratio"] == pytest.approx(1.0, abs=0.1)  # H.264 coding blurs the edges a little
+    assert per["001.mp4"]["displacement_ratio"] == pytest.approx(0.0, abs=0.1)
+    assert per["000.mp4"]["psnr"] > per["001.mp4"]["psnr"] and per["000.mp4"]["ssim"] > 0.9
+    assert report["metrics"]["displacement_ratio_min"] == pytest.approx(0.0, abs=0.1)
 
 
 def _write_shard_set(prefix: Path, clips: list[np.ndarray]) -> None:

@@ -1,4 +1,9 @@
-"""`trip eval`: F-Consistency, FVD and FID of a directory of generated clips, as a JSON report.
+"""`trip eval`: quality of a directory of generated clips, as a JSON report.
+
+With `--reference`, each generated clip that has a reference clip of the same name (the
+extension aside: `000.gif` pairs with `000.mp4`) is compared with it without any network
+weights: PSNR, SSIM and, when the reference shows one moving object, the motion score
+(`trip/eval/quality.py`). F-Consistency, FVD and FID need weights (below).
 
 Either set may also be a latent shard set (a prefix with index.json): its clips are
 decoded through the codec that wrote them (see trip/eval/shardset.py).
@@ -55,9 +60,28 @@ def _check_args(generated: str, reference: str | None, clip: str | None, i3d: st
                 inception: str | None) -> None:
     if (i3d or inception) and not reference:
         raise ValueError("FVD (--i3d) and FID (--inception) compare against --reference clips; give one")
-    if not (clip or i3d or inception):
-        raise ValueError("nothing to compute: give --clip (F-Consistency) and/or --i3d/--inception "
-                         "with --reference (FVD/FID)")
+    if not (clip or i3d or inception or reference):
+        raise ValueError("nothing to compute: give --reference (PSNR, SSIM, motion), --clip "
+                         "(F-Consistency) and/or --i3d/--inception with --reference (FVD/FID)")
+
+
+def paired_quality(gen: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+                   reference_root: str) -> dict[str, dict[str, float]]:
+    """{generated clip: PSNR/SSIM/motion figures} for every generated clip whose name, less
+    its extension, names a reference clip too."""
+    from trip.eval.quality import clip_quality
+
+    by_stem = {os.path.splitext(name)[0]: name for name in ref}
+    out = {}
+    for name, frames in gen.items():
+        other = by_stem.get(os.path.splitext(name)[0])
+        if other is None:
+            continue
+        try:
+            out[name] = clip_quality(frames, ref[other])
+        except ValueError as e:
+            raise ValueError(f"{name} vs {storage.join(reference_root, other)}: {e}") from e
+    return out
 
 
 def _f_consistency(encoder: Any, clips: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, dict]]:
@@ -90,12 +114,26 @@ def evaluate(generated: str, reference: str | None = None, *, clip: str | None =
         "networks": {"clip": clip, "i3d": i3d, "inception": inception},
         "metrics": {}, "reference_metrics": {}, "per_video": {},
     }
+    if ref:
+        from trip.eval.quality import summarize
+
+        quality = paired_quality(gen, ref, reference or "")
+        report["paired"] = len(quality)
+        if quality:
+            report["metrics"].update(summarize(quality))
+            for name, figures in quality.items():
+                report["per_video"].setdefault(name, {}).update(figures)
+        elif not (clip or i3d or inception):
+            raise ValueError(f"no generated clip in {generated} has a reference of the same name in "
+                             f"{reference}: PSNR, SSIM and motion compare clips pairwise")
     if clip:
         from trip.eval.fconsistency import ClipImageEncoder
 
         encoder = ClipImageEncoder(clip, device=device)
-        mean, report["per_video"] = _f_consistency(encoder, gen)
+        mean, per_video = _f_consistency(encoder, gen)
         report["metrics"].update(mean)
+        for name, figures in per_video.items():
+            report["per_video"].setdefault(name, {}).update(figures)
         if ref:  # the ceiling the generated clips should approach
             report["reference_metrics"].update(_f_consistency(encoder, ref)[0])
     if i3d or inception:
