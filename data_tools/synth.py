@@ -10,6 +10,7 @@ Layout written under `out/`:
     results.csv                       WebVid columns + shape, color, direction
     videos/<page_dir>/<videoid>.mp4   MPEG-4 Part 2 (deterministic bytes)
     holdout/<i>.png + holdout/captions.csv   first frames of extra, unseen videos
+    holdout/<i>.mp4                   those videos whole: what a sample of <i>.png should show
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def make_dataset(out: str, num: int = 48, seed: int = 0, size: int = 64, seconds
                      "shape": motion.shape, "color": motion.color, "direction": motion.direction})
     csv_path = os.path.join(out, "results.csv")
     write_csv(csv_path, rows)
-    _write_holdout(os.path.join(out, "holdout"), motions[num:], size, num_frames)
+    _write_holdout(os.path.join(out, "holdout"), motions[num:], size, num_frames, fps)
     return csv_path
 
 
@@ -153,14 +154,17 @@ def write_csv(path: str, rows: list[dict[str, str]], columns: list[str] | None =
     return path
 
 
-def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frames: int) -> None:
-    """First frames of videos not in the CSV, for sampling: <i>.png + captions.csv."""
+def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frames: int, fps: int) -> None:
+    """First frames of videos not in the CSV, for sampling: <i>.png + captions.csv, and each
+    whole video as <i>.mp4, the reference a sample from that frame is scored against."""
     if not motions:
         return
     os.makedirs(folder, exist_ok=True)
     rows = []
     for i, motion in enumerate(motions):
         name = f"{i:03d}.png"
-        Image.fromarray(draw_motion(motion, size, num_frames)[0]).save(os.path.join(folder, name))
+        frames = draw_motion(motion, size, num_frames)
+        Image.fromarray(frames[0]).save(os.path.join(folder, name))
+        write_video(frames, os.path.join(folder, f"{i:03d}.mp4"), fps=fps)
         rows.append({"file": name, "caption": motion.caption})
     write_csv(os.path.join(folder, "captions.csv"), rows, columns=["file", "caption"])

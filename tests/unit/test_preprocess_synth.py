@@ -7,11 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_tools.cli import main as data_tools_main
 from data_tools.decode import SamplingSpec, decode_clip
 from data_tools.synth import BACKGROUND, COLORS, make_dataset
 from data_tools.webvid import read_rows
+from trip.eval.quality import psnr
 
 
 def _files(root: str) -> dict[str, bytes]:
@@ -33,7 +35,7 @@ def test_same_seed_same_bytes_other_seed_other_videos(tmp_path) -> None:
     for files, root in ((fa, a), (fb, b)):
         files["results.csv"] = files["results.csv"].replace(root.encode(), b"ROOT")
     assert fa == fb
-    videos = sorted(k for k in fa if k.endswith(".mp4"))
+    videos = sorted(k for k in fa if k.startswith("videos/"))
     assert len(videos) == 4
     assert [fa[k] for k in videos] != [fc[k] for k in videos]
     assert [r.caption for r in read_rows(os.path.join(a, "results.csv"))] != \
@@ -73,6 +75,10 @@ def test_synth_cli_writes_csv_videos_and_holdout(tmp_path, capsys: pytest.Captur
         holdout = list(csv.DictReader(f))
     assert [h["file"] for h in holdout] == ["000.png", "001.png"]
     assert all(os.path.isfile(os.path.join(out, "holdout", h["file"])) for h in holdout)
+    # the whole held-back video is kept as the reference its samples are scored against
+    ref = decode_clip(os.path.join(out, "holdout", "000.mp4"), SamplingSpec(num_frames=8, fps=8.0, resolution=32))
+    first = np.asarray(Image.open(os.path.join(out, "holdout", "000.png")))
+    assert psnr(ref.frames[:1], first[None])[0] > 25  # the same first frame, through MPEG-4 4:2:0
     rows = read_rows(os.path.join(out, "results.csv"))
     assert len(rows) == 3 and all(os.path.isfile(r.url) for r in rows)
     assert rows[0].duration == 1.0
