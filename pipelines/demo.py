@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from trip.cli import add_verbose_arg
+from trip.eval.quality import summarize
 from trip.log import get_logger, set_verbose
 from trip.log import setup as setup_logging
 
@@ -109,8 +111,8 @@ def demo_config(out: Path, store: str, steps: int | None, sample_steps: int | No
     return cfg
 
 
-def sample_holdout(model_dir: str, holdout: Path, out: Path, sample_cfg) -> list[str]:
-    """Sample every held-back first frame; returns the written files."""
+def sample_holdout(model_dir: str, holdout: Path, out: Path, sample_cfg) -> tuple[list[str], dict]:
+    """Sample every held-back first frame; returns the written files and {name: uint8 frames}."""
     import numpy as np
     import torch
     from PIL import Image
@@ -124,16 +126,39 @@ def sample_holdout(model_dir: str, holdout: Path, out: Path, sample_cfg) -> list
     batch = torch.stack([prepare_image(read_frames(str(p), 1)[0], size) for p in images])
     videos = generate(model, codec, batch, cfg=sample_cfg, progress=True)
     out.mkdir(parents=True, exist_ok=True)
-    written, strips = [], []
+    written, strips, frames = [], [], {}
     for path, video in zip(images, videos):
         written.append(write_gif(video, str(out / f"{path.stem}.gif"), fps=sample_cfg.fps, scale=4))
         written.append(write_mp4(video, str(out / f"{path.stem}.mp4"), fps=sample_cfg.fps))
-        strips.append(np.concatenate(list(to_uint8(video)), axis=1))
+        frames[path.stem] = to_uint8(video)
+        strips.append(np.concatenate(list(frames[path.stem]), axis=1))
     strip = Image.fromarray(np.concatenate(strips, axis=0))
     strip = strip.resize((strip.width * 4, strip.height * 4), Image.NEAREST)
     strip.save(out / "all_frames.png")
     written.append(str(out / "all_frames.png"))
-    return written
+    return written, frames
+
+
+def score_samples(generated: dict, holdout: Path, pre) -> dict[str, dict[str, float]]:
+    """Each sample against its held-back video, decoded exactly as preprocessing decodes
+    training videos: PSNR (mean, first and last frame), SSIM and the motion score."""
+    from data_tools.decode import SamplingSpec, decode_clip
+    from trip.eval.quality import clip_quality
+
+    spec = SamplingSpec(num_frames=pre.num_frames, fps=pre.fps, frame_stride=pre.frame_stride,
+                        start_offset=pre.start_offset, resolution=pre.resolution)
+    return {name: clip_quality(frames, decode_clip(str(holdout / f"{name}.mp4"), spec).frames)
+            for name, frames in sorted(generated.items())}
+
+
+def quality_table(per_clip: dict[str, dict[str, float]], captions: dict[str, str]) -> list[str]:
+    """The demo's closing table: one line per held-back clip."""
+    lines = [f"  {'clip':<28} {'PSNR first -> last':>18} {'moved / true px':>16} {'ratio':>6} {'dir err':>8}"]
+    for name, q in per_clip.items():
+        lines.append(f"  {name + ' ' + captions.get(name, ''):<28.28} {q['psnr_first']:>8.1f} -> {q['psnr_last']:<5.1f}dB"
+                     f" {q.get('displacement_px', float('nan')):>7.1f} / {q.get('reference_displacement_px', float('nan')):<5.1f}"
+                     f" {q.get('displacement_ratio', float('nan')):>6.2f} {q.get('direction_error_deg', float('nan')):>7.0f}°")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str((out / "model").resolve())
         _say("4/4 export + sample", f"{result.checkpoint} -> {model_dir}")
         export_checkpoint(result.checkpoint, model_dir, use_ema=True)
-        files = sample_holdout(model_dir, out / "webvid" / "holdout", out / "samples", cfg.sample)
+        holdout = out / "webvid" / "holdout"
+        files, generated = sample_holdout(model_dir, holdout, out / "samples", cfg.sample)
+        quality = score_samples(generated, holdout, cfg.preprocess)
 
     summary = {
         "steps": result.steps,
@@ -190,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         "shards": cfg.preprocess.output,
         "samples": files,
         "plot": result.plot,
+        "quality": {"per_clip": quality, "mean": summarize(quality)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(holdout / "captions.csv") as f:
+        captions = {Path(r["file"]).stem: r["caption"].removeprefix("a ") for r in csv.DictReader(f)}
     _say("done", f"in {summary['seconds']} s")
     print(f"  steps {summary['steps']}, {summary['samples_per_second']:.1f} samples/s, "
           f"final loss {summary['final_loss']:.4f}")
+    print("  samples vs the held-back videos (ratio: distance moved the right way / true distance):")
+    print("\n".join(quality_table(quality, captions)))
     print(f"  samples:   {out / 'samples'} (GIF + MP4 per held-back frame; all_frames.png shows every frame)")
     print(f"  plot:      {result.plot}")
     print(f"  model:     {model_dir}")

@@ -34,6 +34,13 @@ def test_demo_small_run_produces_valid_shards_checkpoint_samples_and_summary(tmp
     assert summary["steps"] == 4
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
     assert math.isfinite(summary["samples_per_second"]) and summary["samples_per_second"] > 0
+    # the demo scores its own samples against the held-back videos (values: bench, not tests)
+    per_clip = summary["quality"]["per_clip"]
+    assert sorted(per_clip) == ["000", "001", "002", "003"]
+    for figures in per_clip.values():
+        assert {"psnr", "psnr_first", "psnr_last", "ssim", "displacement_ratio"} <= set(figures)
+        assert all(math.isfinite(v) for v in figures.values())
+    assert math.isfinite(summary["quality"]["mean"]["displacement_ratio_min"])
 
     index, problems = validate_dataset(summary["shards"])
     assert not problems and index["num_samples"] == 32

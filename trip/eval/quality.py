@@ -154,16 +154,17 @@ def motion(generated: np.ndarray, reference: np.ndarray) -> Motion:
 
 
 def clip_quality(generated: np.ndarray, reference: np.ndarray, with_motion: bool = True) -> dict[str, float]:
-    """All weight-free figures of one generated clip against its reference, as plain floats:
-    mean PSNR/SSIM, first- and last-frame PSNR, and the motion figures when asked and the
-    reference shows a moving object."""
+    """All weight-free figures of one generated clip against its reference, as plain finite
+    floats: mean PSNR/SSIM, first- and last-frame PSNR, and the motion figures when asked
+    and the reference shows a moving object (the direction error is left out when the
+    generated clip does not move)."""
     p, s = psnr(generated, reference), ssim(generated, reference)
     capped = np.minimum(p, PSNR_CAP)
     out = {"psnr": float(capped.mean()), "psnr_first": float(capped[0]), "psnr_last": float(capped[-1]),
            "ssim": float(s.mean())}
     if with_motion:
         try:
-            out.update(motion(generated, reference).as_dict())
+            out.update((k, v) for k, v in motion(generated, reference).as_dict().items() if math.isfinite(v))
         except ValueError:
             pass  # a reference without one moving object: PSNR and SSIM only
     return out
