@@ -82,10 +82,26 @@ def test_a_clip_where_the_object_vanishes_moves_zero_and_bad_shapes_are_named():
     assert motion(blank, ref).ratio == 0.0 and math.isnan(motion(blank, ref).direction_error_deg)
     with pytest.raises(ValueError, match="no moving object"):
         motion(ref, np.repeat(ref[:1], len(ref), axis=0))
+    with pytest.raises(ValueError, match="no object"):
+        motion(ref, np.full_like(ref, 20))
     with pytest.raises(ValueError, match="resize one side"):
         psnr(ref[:, :16], ref)
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         ssim(ref[..., 0], ref)
+
+
+def test_noise_of_the_objects_colour_is_not_the_object():
+    """An untrained model's output: the first frame, then noise. Noise has pixels of the
+    object's colour all over the frame, whose centroid sits at the centre: that is not motion."""
+    ref = _moving("right")
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, ref.shape, dtype=np.uint8)
+    noisy[0] = ref[0]
+    m = motion(noisy, ref)
+    assert m.ratio == 0.0 and m.generated_px == 0.0
+    speckled = ref.copy()  # the object present and moving, with sparse salt noise: still found
+    speckled[rng.random(ref.shape[:3]) < 0.02] = 255
+    assert motion(speckled, ref).ratio == pytest.approx(1.0, abs=0.1)
 
 
 def test_clip_quality_and_summary_are_plain_finite_numbers():

@@ -8,9 +8,11 @@ training) and are comparable across runs:
 - `ssim` per frame: Wang et al.'s structural similarity on the luma channel, an 11-tap
   Gaussian window (sigma 1.5), the usual constants for 8-bit data;
 - `motion` for clips with one moving object on a plain background (the synthetic data):
-  each frame's foreground is what differs from the background colour (the median colour
-  of the first frame's border), its centroid is the object's position, and the clip's
-  displacement is last centroid minus first. Against a reference clip it reports the
+  the object is what differs from the background (the median colour of the first frame's
+  border) in the reference's first frame; in every frame of both clips it is found again
+  by its colour, size and compactness (so noise or speckle of its colour spread over the
+  frame does not count), its centroid is its position, and the clip's displacement is the
+  last found centroid minus the first. Against a reference clip it reports the
   displacement ratio (the generated displacement projected on the reference's, divided by
   the reference's length: 1 for the same motion, ~0 for a still clip, negative for the
   opposite way) and the direction error (the angle between the two displacements, degrees).
@@ -91,26 +93,57 @@ def background_color(clip: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def centroids(clip: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """Per-frame centroid (x, y) in pixels of what differs from the background (float [T, 2];
-    NaN where a frame has fewer than MIN_FOREGROUND_PIXELS foreground pixels)."""
-    bg = background_color(clip) if background is None else background
-    diff = np.abs(clip.astype(np.float64) - bg).max(axis=-1)  # [T, H, W]
-    mask = diff > FOREGROUND_THRESHOLD
-    h, w = clip.shape[1:3]
-    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+@dataclass(frozen=True)
+class TrackedObject:
+    """What the object looks like in the reference's first frame: its colour, its area in
+    pixels and its spatial spread (RMS distance of its pixels from their centroid)."""
+
+    color: np.ndarray
+    area: float
+    spread: float
+
+    @classmethod
+    def from_reference(cls, reference: np.ndarray) -> TrackedObject:
+        frame = reference[0].astype(np.float64)
+        mask = np.abs(frame - background_color(reference)).max(axis=-1) > FOREGROUND_THRESHOLD
+        if mask.sum() < MIN_FOREGROUND_PIXELS:
+            raise ValueError("the reference clip's first frame shows no object against its background: "
+                             "the motion score needs one")
+        return cls(np.median(frame[mask], axis=0), float(mask.sum()), _spread(mask))
+
+    def find(self, frame: np.ndarray) -> tuple[float, float] | None:
+        """The object's centroid (x, y) in `frame`, or None when no pixel group of its colour,
+        about its size (1/4x-4x) and about as compact (spread <= 2x + 1 px) is there: noise
+        or speckle of the right colour spread over the frame is not the object."""
+        mask = np.abs(frame.astype(np.float64) - self.color).max(axis=-1) <= FOREGROUND_THRESHOLD
+        n = int(mask.sum())
+        if n < max(MIN_FOREGROUND_PIXELS, self.area / 4) or n > self.area * 4:
+            return None
+        if _spread(mask) > 2 * self.spread + 1:
+            return None
+        ys, xs = np.nonzero(mask)
+        return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def _spread(mask: np.ndarray) -> float:
+    ys, xs = np.nonzero(mask)
+    return float(np.sqrt(xs.var() + ys.var()))
+
+
+def centroids(clip: np.ndarray, obj: TrackedObject) -> np.ndarray:
+    """Per-frame centroid (x, y) in pixels of `obj` (float [T, 2]; NaN where it is not found)."""
     out = np.full((len(clip), 2), np.nan)
-    for t in range(len(clip)):
-        m = mask[t]
-        if m.sum() >= MIN_FOREGROUND_PIXELS:
-            out[t] = (xx[m].mean(), yy[m].mean())
+    for t, frame in enumerate(clip):
+        found = obj.find(frame)
+        if found is not None:
+            out[t] = found
     return out
 
 
-def displacement(clip: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """Last minus first found centroid (float [2], pixels; NaN when fewer than two frames
-    show an object)."""
-    c = centroids(clip, background)
+def displacement(clip: np.ndarray, obj: TrackedObject) -> np.ndarray:
+    """Last minus first found centroid of `obj` (float [2], pixels; NaN when it is found in
+    fewer than two frames)."""
+    c = centroids(clip, obj)
     found = np.flatnonzero(~np.isnan(c[:, 0]))
     if len(found) < 2:
         return np.full(2, np.nan)
@@ -134,12 +167,12 @@ class Motion:
 def motion(generated: np.ndarray, reference: np.ndarray) -> Motion:
     """Compare the object's motion in `generated` with `reference` (see the module docstring).
 
-    Both clips are measured against the reference's background colour, so a generated clip
-    whose background drifted shows that drift as foreground."""
+    The object is what the reference's first frame shows against its background; it is
+    tracked in both clips by colour, size and compactness (`TrackedObject.find`)."""
     _check_pair(generated, reference)
     n = min(len(generated), len(reference))
-    bg = background_color(reference)
-    d_gen, d_ref = displacement(generated[:n], bg), displacement(reference[:n], bg)
+    obj = TrackedObject.from_reference(reference)
+    d_gen, d_ref = displacement(generated[:n], obj), displacement(reference[:n], obj)
     ref_len, gen_len = float(np.hypot(*d_ref)), float(np.hypot(*d_gen))
     if not math.isfinite(ref_len) or ref_len < 1e-6:
         raise ValueError("the reference clip shows no moving object against its background: "
