@@ -184,6 +184,7 @@ class PreprocessConfig:
     min_duration: float | None = None  # drop rows shorter than this (seconds, CSV duration)
     max_duration: float | None = None  # drop rows longer than this (seconds)
     limit: int | None = None  # use at most this many rows (after filtering)
+    strict_csv: bool = False  # fail on the first bad CSV row instead of listing it in the errors manifest
     samples_per_shard: int = 64  # close a shard after this many samples
     max_shard_bytes: int | None = None  # also close a shard past this many bytes
     text_encoder: str | None = None  # diffusers dir with text_encoder/ + tokenizer/; null: none

@@ -110,7 +110,7 @@ def test_vae_and_clip_job_from_and_to_s3(ray_local, s3_server, local_data) -> No
 
     # every latent equals a direct encode of the same clip from the local copy
     rows = read_rows(os.path.join(local_data["webvid"], "results.csv"),
-                     video_root=os.path.join(local_data["webvid"], "videos"))
+                     video_root=os.path.join(local_data["webvid"], "videos")).rows
     direct = ClipEncoder(CodecConfig(kind="vae", path=local_data["models"]),
                          text_encoder=local_data["models"], max_text_length=8, device="cpu")
     seen = []
@@ -146,7 +146,7 @@ def test_lossless_through_trip_cli_reproduces_the_decoded_clip(ray_local, local_
     index, problems = validate_dataset(out)
     assert problems == [] and index["num_samples"] == 4 and index["num_rows"] == 4
     rows = read_rows(os.path.join(local_data["webvid"], "results.csv"),
-                     video_root=os.path.join(local_data["webvid"], "videos"))
+                     video_root=os.path.join(local_data["webvid"], "videos")).rows
     codec = LosslessCodec(2)
     for sample in read_shard(os.path.join(out, "shard-000000.tar")):
         import torch
