@@ -2,8 +2,12 @@
 
 WebVid's metadata is one CSV with `videoid, contentUrl, duration, page_dir, name`
 (`name` is the caption; `duration` is ISO-8601 such as `PT00H00M21S`). Copies in object
-storage usually keep the videos under a root as `{page_dir}/{videoid}.mp4`, so a row's
-video URL is either its `contentUrl` or `video_root` + a path template.
+storage usually keep the videos under a root as `{page_dir}/{videoid}.mp4` (or `.webm`, ...),
+so a row's video URL is either its `contentUrl` or `video_root` + a path template, whose
+`{ext}` is the extension of the row's `contentUrl`. With `{ext}` the decode stage also tries
+the other usual video extensions when that file is missing (`other_extensions`): checking
+existence there, in the Ray task that opens the file, costs nothing when the first guess is
+right and nothing at all in the driver, which reads millions of rows.
 
 A 10.7M-row CSV has a few bad rows (a repeated `videoid`, an empty one, a line with the wrong
 number of fields); each is rejected with its line number and reason and the rest are used,
@@ -25,6 +29,8 @@ from typing import Any
 from trip import storage
 
 REQUIRED_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")  # the order they are tried in
+DEFAULT_EXTENSION = ".mp4"  # `{ext}` when contentUrl has no video extension
 _ISO_DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)D)?T?(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?"
                            r"(?:(\d+(?:\.\d+)?)S)?$")
 
@@ -78,12 +84,31 @@ def parse_duration(text: str) -> float | None:
     return d * 86400 + h * 3600 + mi * 60 + s
 
 
+def video_extension(content_url: str) -> str:
+    """`{ext}` of a row: contentUrl's extension if it is a usual video one, else `.mp4`."""
+    path = content_url.split("?", 1)[0].split("#", 1)[0]
+    dot = path.rfind(".")
+    ext = path[dot:].lower() if dot > path.rfind("/") else ""
+    return ext if ext in VIDEO_EXTENSIONS else DEFAULT_EXTENSION
+
+
+def other_extensions(url: str) -> list[str]:
+    """`url` with its video extension replaced by each other usual one, in `VIDEO_EXTENSIONS` order.
+
+    The decode stage tries these when a template with `{ext}` led to a missing file."""
+    dot = url.rfind(".")
+    ext = url[dot:].lower() if dot > url.rfind("/") else ""
+    if ext not in VIDEO_EXTENSIONS:
+        return []
+    return [url[:dot] + e for e in VIDEO_EXTENSIONS if e != ext]
+
+
 def resolve_url(row: dict[str, str], video_root: str | None, path_template: str) -> str:
     """The row's video location: `contentUrl`, or `video_root/path_template` when a root is set."""
     if not video_root:
         return row["contentUrl"]
     try:
-        rel = path_template.format(**row)
+        rel = path_template.format(**row, ext=video_extension(row["contentUrl"]))
     except KeyError as e:
         raise CSVFormatError(f"preprocess.path_template {path_template!r} names column {e}, "
                              f"which the CSV does not have") from e
@@ -127,7 +152,7 @@ def _problem(rec: dict[Any, Any], columns: int, video_root: str | None,
 
 
 def read_rows(csv_url: str, *, video_root: str | None = None,
-              path_template: str = "{page_dir}/{videoid}.mp4", min_duration: float | None = None,
+              path_template: str = "{page_dir}/{videoid}{ext}", min_duration: float | None = None,
               max_duration: float | None = None, limit: int | None = None,
               strict: bool = False) -> CSVRows:
     """Read, validate, filter and limit a WebVid CSV (local path or fsspec URL).

@@ -6,7 +6,8 @@
 Stages: the driver reads and filters the CSV (a missing column fails here, before any
 cluster resource is used; a bad row, such as a repeated videoid, goes to the errors
 manifest with its line number unless `preprocess.strict_csv`) and plans rows into shards by
-position; Ray Data decodes each video in a CPU task (PyAV), encodes batches of
+position; Ray Data decodes each video in a CPU task (PyAV; with `{ext}` in the path template
+it also looks there for the video under the other usual extensions), encodes batches of
 clips in an actor pool (one GPU per actor when the cluster has GPUs, CPU otherwise), and
 streams results back in row order; the driver commits each shard as soon as all its rows
 are in. Committed shards are skipped on a rerun, and because shard contents depend only on
@@ -36,7 +37,7 @@ import numpy as np
 from data_tools import metrics
 from data_tools.decode import SamplingSpec, SkipVideo, decode_clip
 from data_tools.shards import npy_bytes
-from data_tools.webvid import CSVFormatError, VideoRow, read_rows
+from data_tools.webvid import CSVFormatError, VideoRow, other_extensions, read_rows
 from data_tools.write import (
     JobMismatchError,
     Outcome,
@@ -74,11 +75,12 @@ class JobResult:
 # --------------------------------------------------------------------------- Ray stages
 
 
-def decode_row(item: dict[str, Any], spec: SamplingSpec) -> dict[str, Any]:
-    """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason."""
+def decode_row(item: dict[str, Any], spec: SamplingSpec, other_exts: bool = False) -> dict[str, Any]:
+    """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason.
+    `other_exts`: when the row's file is missing, try it with the other video extensions."""
     out = {**item, "status": "ok", "stage": "", "reason": "", "frames": b"", "meta": "{}"}
     try:
-        clip = decode_clip(item["url"], spec)
+        clip = decode_clip(item["url"], spec, fallbacks=other_extensions(item["url"]) if other_exts else ())
         out.update(frames=npy_bytes(clip.frames), meta=json.dumps(clip.meta))
     except SkipVideo as e:
         out.update(status="skipped", stage=e.stage, reason=e.reason)
@@ -193,7 +195,10 @@ def _build_dataset(items: list[dict[str, Any]], pre: PreprocessConfig, codec: Co
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
     # the memory hint (one video held while decoding) also keeps decoding in CPU tasks: Ray
     # Data would otherwise fuse it into the encode actors, serialising decode behind encode
-    ds = ds.map(decode_row, fn_kwargs={"spec": spec}, num_cpus=1, memory=_DECODE_MEMORY)
+    # `{ext}` is a guess from contentUrl: the decode task looks for the other extensions itself
+    other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
+    ds = ds.map(decode_row, fn_kwargs={"spec": spec, "other_exts": other_exts}, num_cpus=1,
+                memory=_DECODE_MEMORY)
     return ds.map_batches(
         EncodeActor, fn_constructor_kwargs={
             "codec": codec, "text_encoder": pre.text_encoder,

@@ -174,7 +174,7 @@ class PreprocessConfig:
 
     csv: str = ""  # WebVid-format CSV (local or fsspec URL)
     video_root: str | None = None  # if set, videos are video_root/path_template; else contentUrl
-    path_template: str = "{page_dir}/{videoid}.mp4"  # CSV columns in braces
+    path_template: str = "{page_dir}/{videoid}{ext}"  # CSV columns in braces; {ext}: contentUrl's video extension (else .mp4; others tried if missing)
     output: str = ""  # dataset prefix for shards + index.json
     num_frames: int = 8  # frames per clip (paper: 16)
     fps: float | None = 4.0  # sample at this frame rate (paper: 4) ...

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from data_tools.synth import write_csv
-from data_tools.webvid import CSVFormatError, parse_duration, read_rows
+from data_tools.webvid import (
+    CSVFormatError,
+    other_extensions,
+    parse_duration,
+    read_rows,
+    video_extension,
+)
 
 COLUMNS = ["videoid", "contentUrl", "duration", "page_dir", "name", "license"]
 
@@ -113,3 +119,20 @@ def test_empty_content_url_is_rejected_only_without_a_video_root(tmp_path) -> No
     assert [(r.line, r.reason) for r in read_rows(path).rejected] == [
         (3, "has an empty contentUrl (and preprocess.video_root is not set)")]
     assert read_rows(path, video_root="/data").rows[1].url == "/data/dir1/101.mp4"
+
+
+def test_ext_in_the_template_is_the_content_urls_video_extension(tmp_path) -> None:
+    rows = _rows(4)
+    rows[1]["contentUrl"] = "https://videos.example/101.WebM?sig=abc"
+    rows[2]["contentUrl"] = "https://videos.example/watch?v=102"
+    rows[3]["contentUrl"] = "https://videos.example/v1.2/103"
+    path = write_csv(str(tmp_path / "r.csv"), rows, columns=COLUMNS)
+    urls = [r.url for r in read_rows(path, video_root="/data").rows]  # the default template
+    assert urls == ["/data/dir0/100.mp4", "/data/dir1/101.webm", "/data/dir0/102.mp4", "/data/dir1/103.mp4"]
+    assert video_extension("s3://b/x.mkv") == ".mkv" and video_extension("") == ".mp4"
+
+
+def test_other_extensions_swap_only_a_video_extension() -> None:
+    assert other_extensions("s3://b/d/1.webm") == ["s3://b/d/1.mp4", "s3://b/d/1.mkv", "s3://b/d/1.mov",
+                                                   "s3://b/d/1.avi", "s3://b/d/1.m4v"]
+    assert other_extensions("/v.1/clip") == [] and other_extensions("/v/clip.txt") == []
