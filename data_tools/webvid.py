@@ -85,11 +85,12 @@ def parse_duration(text: str) -> float | None:
 
 
 def video_extension(content_url: str) -> str:
-    """`{ext}` of a row: contentUrl's extension if it is a usual video one, else `.mp4`."""
+    """`{ext}` of a row: contentUrl's extension (its case kept) if it is a usual video one,
+    else `.mp4`."""
     path = content_url.split("?", 1)[0].split("#", 1)[0]
     dot = path.rfind(".")
-    ext = path[dot:].lower() if dot > path.rfind("/") else ""
-    return ext if ext in VIDEO_EXTENSIONS else DEFAULT_EXTENSION
+    ext = path[dot:] if dot > path.rfind("/") else ""
+    return ext if ext.lower() in VIDEO_EXTENSIONS else DEFAULT_EXTENSION
 
 
 def other_extensions(url: str) -> list[str]:
@@ -97,10 +98,10 @@ def other_extensions(url: str) -> list[str]:
 
     The decode stage tries these when a template with `{ext}` led to a missing file."""
     dot = url.rfind(".")
-    ext = url[dot:].lower() if dot > url.rfind("/") else ""
-    if ext not in VIDEO_EXTENSIONS:
+    ext = url[dot:] if dot > url.rfind("/") else ""
+    if ext.lower() not in VIDEO_EXTENSIONS:
         return []
-    return [url[:dot] + e for e in VIDEO_EXTENSIONS if e != ext]
+    return [url[:dot] + e for e in VIDEO_EXTENSIONS if e != ext]  # `.WEBM` also tries `.webm`
 
 
 def resolve_url(row: dict[str, str], video_root: str | None, path_template: str) -> str:
@@ -108,7 +109,7 @@ def resolve_url(row: dict[str, str], video_root: str | None, path_template: str)
     if not video_root:
         return row["contentUrl"]
     try:
-        rel = path_template.format(**row, ext=video_extension(row["contentUrl"]))
+        rel = path_template.format(**{**row, "ext": video_extension(row["contentUrl"])})
     except KeyError as e:
         raise CSVFormatError(f"preprocess.path_template {path_template!r} names column {e}, "
                              f"which the CSV does not have") from e

@@ -128,11 +128,12 @@ def test_ext_in_the_template_is_the_content_urls_video_extension(tmp_path) -> No
     rows[3]["contentUrl"] = "https://videos.example/v1.2/103"
     path = write_csv(str(tmp_path / "r.csv"), rows, columns=COLUMNS)
     urls = [r.url for r in read_rows(path, video_root="/data").rows]  # the default template
-    assert urls == ["/data/dir0/100.mp4", "/data/dir1/101.webm", "/data/dir0/102.mp4", "/data/dir1/103.mp4"]
+    assert urls == ["/data/dir0/100.mp4", "/data/dir1/101.WebM", "/data/dir0/102.mp4", "/data/dir1/103.mp4"]
     assert video_extension("s3://b/x.mkv") == ".mkv" and video_extension("") == ".mp4"
 
 
 def test_other_extensions_swap_only_a_video_extension() -> None:
     assert other_extensions("s3://b/d/1.webm") == ["s3://b/d/1.mp4", "s3://b/d/1.mkv", "s3://b/d/1.mov",
                                                    "s3://b/d/1.avi", "s3://b/d/1.m4v"]
+    assert other_extensions("/v/1.WEBM")[:2] == ["/v/1.mp4", "/v/1.webm"]
     assert other_extensions("/v.1/clip") == [] and other_extensions("/v/clip.txt") == []
