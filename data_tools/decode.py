@@ -4,7 +4,9 @@ A preprocessing job meets every kind of broken input in a few million WebVid fil
 missing objects, zero-byte uploads, truncated mp4s, HTML error pages saved as .mp4,
 clips shorter than the sampling window. None of that may crash the job: every such
 case raises `SkipVideo` carrying a stage and a human-readable reason, which the job
-writes to its errors manifest.
+writes to its errors manifest. A caller unsure of the file name (a .webm where the CSV
+suggests .mp4) passes `fallbacks`: they are looked for here, only when the first is missing,
+and the reason for a video found nowhere names every path tried.
 
 Sampling: F frames either at a target frame rate (frame k is the first source frame at
 or after `start_offset + k / fps`, within half a source frame; a slow source repeats frames) or every `frame_stride`-th source frame from the
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -89,24 +91,41 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
-def _open_source(url: str) -> str | IO[bytes]:
-    """A path or file object for PyAV; missing and empty files are skips, not errors."""
+class _Missing(Exception):
+    """No file at this URL (the caller may look for another)."""
+
+
+def _open_one(url: str) -> str | IO[bytes]:
+    """A path or file object for PyAV; raises `_Missing` when there is no such file."""
     path = storage.local_path(url)
     if path is not None:
         if not os.path.isfile(path):
-            raise SkipVideo("fetch", f"file not found: {url}")
+            raise _Missing
         if os.path.getsize(path) == 0:
             raise SkipVideo("fetch", f"empty file (0 bytes): {url}")
         return path
     try:
         data = storage.retry(lambda: storage.read_bytes(url), what=f"download of {url}")
     except FileNotFoundError as e:
-        raise SkipVideo("fetch", f"file not found: {url}") from e
+        raise _Missing from e
     except OSError as e:
         raise SkipVideo("fetch", f"cannot read {url}: {e}") from e
     if not data:
         raise SkipVideo("fetch", f"empty file (0 bytes): {url}")
     return io.BytesIO(data)
+
+
+def _open_source(urls: Sequence[str]) -> tuple[str, str | IO[bytes]]:
+    """The first of `urls` that exists and what PyAV reads it from; missing and empty files
+    are skips, not errors."""
+    for url in urls:
+        try:
+            return url, _open_one(url)
+        except _Missing:
+            continue
+    if len(urls) == 1:
+        raise SkipVideo("fetch", f"file not found: {urls[0]}")
+    raise SkipVideo("fetch", f"file not found, tried {len(urls)} paths: {', '.join(urls)}")
 
 
 def _frame_time(frame: av.VideoFrame, index: int, src_fps: float) -> float:
@@ -169,16 +188,20 @@ def _decode_open(container: av.container.InputContainer, url: str, spec: Samplin
     return Clip(frames=np.stack(chosen), meta=meta)
 
 
-def decode_clip(url: str, spec: SamplingSpec) -> Clip:
-    """Decode `spec.num_frames` frames of the video at `url` (path or fsspec URL).
+def decode_clip(url: str, spec: SamplingSpec, *, fallbacks: Sequence[str] = ()) -> Clip:
+    """Decode `spec.num_frames` frames of the video at `url` (path or fsspec URL), or at the
+    first of `fallbacks` that exists when `url` does not.
 
-    Returns a Clip with frames uint8 [F, R, R, 3]. Raises `SkipVideo` for anything that
-    makes the file unusable (missing, empty, not a video, corrupt, too short).
+    Returns a Clip with frames uint8 [F, R, R, 3] and the URL it read in `meta["source_url"]`.
+    Raises `SkipVideo` for anything that makes the file unusable (missing, empty, not a
+    video, corrupt, too short).
     """
-    source = _open_source(url)
+    url, source = _open_source([url, *fallbacks])
     try:
         with av.open(source, mode="r") as container:
-            return _decode_open(container, url, spec)
+            clip = _decode_open(container, url, spec)
+            clip.meta["source_url"] = url
+            return clip
     except SkipVideo:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, IndexError, ZeroDivisionError) as e:

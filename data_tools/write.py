@@ -12,21 +12,24 @@ A crash between tar and record only costs redoing that shard (same bytes again).
 A record made by a different job (other settings, codec or rows) is refused with an
 error instead of being mixed in.
 
-Finally `errors.jsonl` (videoid, url, stage, reason) and `index.json` are written, index
-last, each atomically.
+Finally `errors.jsonl` (videoid, url, stage, reason, status; first the CSV rows the reader
+rejected, stage "csv" with their line, then each shard's videos) and `index.json` are
+written, index last, each atomically. The CSV rows are read again on every run, so a rerun
+writes the same manifest as a clean run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from data_tools.shards import ShardInfo, ShardWriter, build_index, shard_name, write_index
-from data_tools.webvid import VideoRow
+from data_tools.webvid import RejectedRow, VideoRow
 from trip import storage
 
 PROGRESS_DIR = "_progress"
@@ -165,19 +168,23 @@ class ShardPlanWriter:
         writer.add(sample_key(o.ordinal), o.latents, o.meta or {}, o.row.caption, o.text)
 
     def finish(self, records: dict[int, dict[str, Any]], *, codec: dict[str, Any],
-               text_encoder: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write errors.jsonl and then index.json from every shard's record."""
+               text_encoder: dict[str, Any] | None, extra: dict[str, Any],
+               rejected: Sequence[RejectedRow] = (), csv_url: str = "") -> dict[str, Any]:
+        """Write errors.jsonl (the `rejected` CSV rows of `csv_url`, then every shard's
+        errors) and then index.json from every shard's record."""
         missing = [i for i in range(len(self.shards)) if i not in records]
         if missing:
             raise ValueError(f"cannot finish {self.output}: shards {missing[:5]} are not committed")
         ordered = [records[i] for i in range(len(self.shards))]
-        errors = [e for r in ordered for e in r["errors"]]
+        errors = [{"videoid": r.videoid, "url": "", "stage": "csv", "status": "skipped", "csv": csv_url,
+                   "line": r.line, "reason": f"line {r.line} {r.reason}"} for r in rejected]
+        errors += [e for r in ordered for e in r["errors"]]
         storage.write_bytes_atomic(storage.join(self.output, ERRORS_NAME),
                                    "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
         infos = [ShardInfo(**r["info"]) for r in ordered if r["info"]]
         index = build_index(infos, latent_shape=self.latent_shape, text_shape=self.text_shape,
                             codec=codec, text_encoder=text_encoder,
                             extra={**extra, "num_rows": len(self.rows), "num_errors": len(errors),
-                                   "errors_manifest": ERRORS_NAME})
+                                   "num_rejected_rows": len(rejected), "errors_manifest": ERRORS_NAME})
         write_index(self.output, index)
         return index

@@ -4,13 +4,15 @@
     python -m pipelines.preprocess --config ...
 
 Stages: the driver reads and filters the CSV (a missing column fails here, before any
-cluster resource is used) and plans rows into shards by position; Ray Data decodes each
-video in a CPU task (PyAV), encodes batches of clips in an actor pool (one GPU per actor
-when the cluster has GPUs, CPU otherwise), and streams results back in row order; the
-driver commits each shard as soon as all its rows are in. Committed shards are skipped
-on a rerun, and because shard contents depend only on the plan, the rerun's final set
-equals a clean run's. Latents are small (16x4x32x32 fp16 = 128 KiB a clip), so one
-writer keeps up with many decoders.
+cluster resource is used; a bad row, such as a repeated videoid, goes to the errors
+manifest with its line number unless `preprocess.strict_csv`) and plans rows into shards by
+position; Ray Data decodes each video in a CPU task (PyAV; with `{ext}` in the path template
+it also looks there for the video under the other usual extensions), encodes batches of
+clips in an actor pool (one GPU per actor when the cluster has GPUs, CPU otherwise), and
+streams results back in row order; the driver commits each shard as soon as all its rows
+are in. Committed shards are skipped on a rerun, and because shard contents depend only on
+the plan, the rerun's final set equals a clean run's. Latents are small (16x4x32x32 fp16 =
+128 KiB a clip), so one writer keeps up with many decoders.
 
 Only the `preprocess` and `codec` slices of the config are used.
 """
@@ -35,7 +37,7 @@ import numpy as np
 from data_tools import metrics
 from data_tools.decode import SamplingSpec, SkipVideo, decode_clip
 from data_tools.shards import npy_bytes
-from data_tools.webvid import CSVFormatError, VideoRow, read_rows
+from data_tools.webvid import CSVFormatError, VideoRow, other_extensions, read_rows
 from data_tools.write import (
     JobMismatchError,
     Outcome,
@@ -44,10 +46,13 @@ from data_tools.write import (
     rows_per_shard,
 )
 from trip.config import CodecConfig, ConfigError, PreprocessConfig, load_config
+from trip.log import get_logger
 
-# settings that change how fast the job runs, not what it writes
+log = get_logger(__name__)
+
+# settings that change how fast the job runs (or whether a bad CSV row stops it), not what it writes
 _SPEED_ONLY = ("csv", "output", "limit", "encode_batch_size", "encode_actors", "decode_threads",
-               "metrics_port", "video_root", "samples_per_shard", "max_shard_bytes")
+               "metrics_port", "video_root", "samples_per_shard", "max_shard_bytes", "strict_csv")
 
 
 _DECODE_MEMORY = 256 * 1024**2  # bytes a decode task may hold (one compressed video + frames)
@@ -62,6 +67,7 @@ class JobResult:
     ok: int
     skipped: int
     errors: int
+    rejected_rows: int  # CSV rows not used (repeated or empty videoid, bad fields), in the errors manifest
     seconds: float
     index: dict[str, Any]
 
@@ -69,11 +75,12 @@ class JobResult:
 # --------------------------------------------------------------------------- Ray stages
 
 
-def decode_row(item: dict[str, Any], spec: SamplingSpec) -> dict[str, Any]:
-    """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason."""
+def decode_row(item: dict[str, Any], spec: SamplingSpec, other_exts: bool = False) -> dict[str, Any]:
+    """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason.
+    `other_exts`: when the row's file is missing, try it with the other video extensions."""
     out = {**item, "status": "ok", "stage": "", "reason": "", "frames": b"", "meta": "{}"}
     try:
-        clip = decode_clip(item["url"], spec)
+        clip = decode_clip(item["url"], spec, fallbacks=other_extensions(item["url"]) if other_exts else ())
         out.update(frames=npy_bytes(clip.frames), meta=json.dumps(clip.meta))
     except SkipVideo as e:
         out.update(status="skipped", stage=e.stage, reason=e.reason)
@@ -188,7 +195,10 @@ def _build_dataset(items: list[dict[str, Any]], pre: PreprocessConfig, codec: Co
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
     # the memory hint (one video held while decoding) also keeps decoding in CPU tasks: Ray
     # Data would otherwise fuse it into the encode actors, serialising decode behind encode
-    ds = ds.map(decode_row, fn_kwargs={"spec": spec}, num_cpus=1, memory=_DECODE_MEMORY)
+    # `{ext}` is a guess from contentUrl: the decode task looks for the other extensions itself
+    other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
+    ds = ds.map(decode_row, fn_kwargs={"spec": spec, "other_exts": other_exts}, num_cpus=1,
+                memory=_DECODE_MEMORY)
     return ds.map_batches(
         EncodeActor, fn_constructor_kwargs={
             "codec": codec, "text_encoder": pre.text_encoder,
@@ -220,15 +230,19 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
     t0 = time.perf_counter()
     if not pre.csv or not pre.output:
         raise ConfigError("preprocess.csv and preprocess.output must be set")
-    rows = read_rows(pre.csv, video_root=pre.video_root, path_template=pre.path_template,
-                     min_duration=pre.min_duration, max_duration=pre.max_duration, limit=pre.limit)
+    found = read_rows(pre.csv, video_root=pre.video_root, path_template=pre.path_template,
+                      min_duration=pre.min_duration, max_duration=pre.max_duration, limit=pre.limit,
+                      strict=pre.strict_csv)
+    if found.rejected:
+        log.warning(f"{pre.csv}: {len(found.rejected)} rows rejected (first: line {found.rejected[0].line} "
+                    f"{found.rejected[0].reason}); they are listed in the errors manifest")
     ident = codec_identity(codec)
     text_ident = text_encoder_identity(pre.text_encoder, pre.max_text_length)
     lat_shape = latent_shape(codec, pre.num_frames, pre.resolution)
     text_shape = [pre.max_text_length, text_ident["hidden_size"]] if text_ident else None
     per_shard = rows_per_shard(pre.samples_per_shard, pre.max_shard_bytes,
                                estimate_sample_bytes(lat_shape, text_shape))
-    writer = ShardPlanWriter(pre.output, rows, per_shard,
+    writer = ShardPlanWriter(pre.output, found.rows, per_shard,
                              fingerprint=_fingerprint(pre, ident, text_ident, per_shard),
                              latent_shape=lat_shape, text_shape=text_shape)
     records = writer.committed()
@@ -239,10 +253,11 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
             _run_pending(writer, pending, records, pre, codec, counts, progress, on_shard_committed)
     extra = {"sampling": {"num_frames": pre.num_frames, "fps": pre.fps, "frame_stride": pre.frame_stride,
                           "start_offset": pre.start_offset, "resolution": pre.resolution}}
-    index = writer.finish(records, codec=ident, text_encoder=text_ident, extra=extra)
+    index = writer.finish(records, codec=ident, text_encoder=text_ident, extra=extra,
+                          rejected=found.rejected, csv_url=pre.csv)
     return JobResult(shards=len(writer.shards), shards_skipped=len(writer.shards) - len(pending),
                      ok=counts["ok"], skipped=counts["skipped"], errors=counts["error"],
-                     seconds=time.perf_counter() - t0, index=index)
+                     rejected_rows=len(found.rejected), seconds=time.perf_counter() - t0, index=index)
 
 
 def _run_pending(writer: ShardPlanWriter, pending: list[int], records: dict[int, dict[str, Any]],
@@ -301,9 +316,9 @@ def cli(args: argparse.Namespace) -> int:
     print(f"preprocess: {idx['num_samples']} samples in {len(idx['shards'])} shards at "
           f"{cfg.preprocess.output} ({result.shards_skipped} of {result.shards} shards were already "
           f"done; this run: {result.ok} ok, {result.skipped} skipped, {result.errors} errors; "
-          f"{result.seconds:.1f} s)")
+          f"{result.rejected_rows} CSV rows rejected; {result.seconds:.1f} s)")
     if idx["num_errors"]:
-        print(f"preprocess: {idx['num_errors']} videos not usable, see "
+        print(f"preprocess: {idx['num_errors']} videos or CSV rows not usable, see "
               f"{cfg.preprocess.output.rstrip('/')}/{idx['errors_manifest']}")
     return 0
 

@@ -3,6 +3,9 @@
 The driver stays thin: it checks everything that can be checked before a worker starts
 (config, dataset index vs model shapes, storage reachable), builds the TorchTrainer
 (fixed or elastic scaling, failure policy, Ray's own state in the run's storage) and waits.
+Worker deaths and transient errors restart the group up to `run.max_failures`; an error a
+restart would repeat (corrupt data past the limit, a config or shape error) ends the run
+after the attempt that raised it (`trip.train.failures`).
 All training happens in `trip.train.loop` on the workers; DeepSpeed is never imported here.
 Checkpoints are the workers' business (`trip.train.checkpoint`): the driver finds the run's
 result there afterwards. Rerunning the same run name resumes from its latest complete
@@ -96,6 +99,7 @@ def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trip.train.failures import StopOnFatalError
     from trip.train.loop import train_loop_per_worker
 
     s = cfg.scaling
@@ -119,6 +123,7 @@ def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
                                 "worker_process_setup_hook": "trip.log.setup_ray_worker"},
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=[StopOnFatalError()],  # no retries of what would fail the same way
             # Ray Train's INFO (resource requests, worker group starts) stays in its log files
             logging_config=ray.train.LoggingConfig(log_level="DEBUG" if verbose() else "WARNING")),
     )
@@ -126,7 +131,9 @@ def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
 
 def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result.
-    `callbacks` run in every worker (`trip.train.callbacks`)."""
+    `callbacks` run in every worker (`trip.train.callbacks`). Raises
+    `trip.train.failures.FatalTrainingError` after one attempt when a worker hit an error a
+    restart would repeat."""
     validate(cfg)
     import ray
 
@@ -136,7 +143,14 @@ def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> TrainR
         # our own local Ray unless told where the cluster is: never join whatever Ray
         # instance happens to run on this machine
         init_ray(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    build_trainer(cfg, callbacks).fit()
+    from trip.train.failures import FatalTrainingError
+
+    try:
+        build_trainer(cfg, callbacks).fit()
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, FatalTrainingError):
+            raise e.controller_failure from None  # its message says it all; Ray's wrapping adds nothing
+        raise
     return read_result(cfg)
 
 
@@ -167,7 +181,13 @@ def cli(args: argparse.Namespace, callbacks: Sequence[TrainCallback] = ()) -> in
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = run_training(cfg, callbacks)
+    from trip.train.failures import FatalTrainingError
+
+    try:
+        res = run_training(cfg, callbacks)
+    except FatalTrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     log.info(f"done: {res.steps} steps, final loss {res.final_loss:.4f}, {res.samples_per_second:.1f} samples/s")
     log.info(f"checkpoint {res.checkpoint}")
     log.info(f"plot {res.plot}")

@@ -174,7 +174,7 @@ class PreprocessConfig:
 
     csv: str = ""  # WebVid-format CSV (local or fsspec URL)
     video_root: str | None = None  # if set, videos are video_root/path_template; else contentUrl
-    path_template: str = "{page_dir}/{videoid}.mp4"  # CSV columns in braces
+    path_template: str = "{page_dir}/{videoid}{ext}"  # CSV columns in braces; {ext}: contentUrl's video extension (else .mp4; others tried if missing)
     output: str = ""  # dataset prefix for shards + index.json
     num_frames: int = 8  # frames per clip (paper: 16)
     fps: float | None = 4.0  # sample at this frame rate (paper: 4) ...
@@ -184,6 +184,7 @@ class PreprocessConfig:
     min_duration: float | None = None  # drop rows shorter than this (seconds, CSV duration)
     max_duration: float | None = None  # drop rows longer than this (seconds)
     limit: int | None = None  # use at most this many rows (after filtering)
+    strict_csv: bool = False  # fail on the first bad CSV row instead of listing it in the errors manifest
     samples_per_shard: int = 64  # close a shard after this many samples
     max_shard_bytes: int | None = None  # also close a shard past this many bytes
     text_encoder: str | None = None  # diffusers dir with text_encoder/ + tokenizer/; null: none

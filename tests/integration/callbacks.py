@@ -10,6 +10,8 @@ imports there when the driver runs from the repository root."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -24,6 +26,19 @@ class SlowSteps(TrainCallback):
 
     def on_step(self, worker: WorkerInfo, step: StepInfo) -> None:
         time.sleep(self.seconds)
+
+
+class RecordStarts(TrainCallback):
+    """Appends one line per rank and attempt (a start of the worker group) to
+    `<directory>/starts.jsonl`, so a test can count the attempts of a run."""
+
+    def __init__(self, directory: object) -> None:
+        self.directory = str(directory)
+
+    def on_start(self, worker: WorkerInfo) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, "starts.jsonl"), "a") as fh:
+            fh.write(json.dumps({"attempt": worker.attempt, "rank": worker.rank}) + "\n")
 
 
 def recording(directory: object, slow: float = 0.0) -> list[TrainCallback]:

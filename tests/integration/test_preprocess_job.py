@@ -110,7 +110,7 @@ def test_vae_and_clip_job_from_and_to_s3(ray_local, s3_server, local_data) -> No
 
     # every latent equals a direct encode of the same clip from the local copy
     rows = read_rows(os.path.join(local_data["webvid"], "results.csv"),
-                     video_root=os.path.join(local_data["webvid"], "videos"))
+                     video_root=os.path.join(local_data["webvid"], "videos")).rows
     direct = ClipEncoder(CodecConfig(kind="vae", path=local_data["models"]),
                          text_encoder=local_data["models"], max_text_length=8, device="cpu")
     seen = []
@@ -146,7 +146,7 @@ def test_lossless_through_trip_cli_reproduces_the_decoded_clip(ray_local, local_
     index, problems = validate_dataset(out)
     assert problems == [] and index["num_samples"] == 4 and index["num_rows"] == 4
     rows = read_rows(os.path.join(local_data["webvid"], "results.csv"),
-                     video_root=os.path.join(local_data["webvid"], "videos"))
+                     video_root=os.path.join(local_data["webvid"], "videos")).rows
     codec = LosslessCodec(2)
     for sample in read_shard(os.path.join(out, "shard-000000.tar")):
         import torch
@@ -235,3 +235,74 @@ def test_bad_inputs_go_to_the_errors_manifest_and_the_rest_is_done(ray_local, lo
     assert errors["504"]["stage"] == "decode" and "too short" in errors["504"]["reason"]
     assert errors["501"]["stage"] == "decode"
     assert all(e["url"].endswith(f"{v}.mp4") for v, e in errors.items())
+
+
+def _to_webm(src: str, dest: str) -> str:
+    """Re-encode a video as VP9 in WebM (as some WebVid copies store their files)."""
+    import av
+
+    with av.open(src) as inp:
+        frames = [f.to_ndarray(format="rgb24") for f in inp.decode(video=0)]
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with av.open(dest, mode="w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=8)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return dest
+
+
+def test_bad_csv_rows_are_listed_and_webm_videos_found_with_the_default_template(
+        ray_local, local_data, tmp_path, capsys) -> None:
+    from trip.cli import main as trip_main
+
+    videos = tmp_path / "videos"
+    good = _csv_dicts(os.path.join(local_data["webvid"], "results.csv"))[:4]
+    for r in good[:2]:
+        shutil.copytree(os.path.dirname(r["contentUrl"]), videos / r["page_dir"], dirs_exist_ok=True)
+    webm = _to_webm(good[2]["contentUrl"], str(videos / "web" / "2001.webm"))
+    # contentUrl says nothing about the extension: the decode stage looks for .mp4, then .webm
+    _to_webm(good[3]["contentUrl"], str(videos / "web" / "2002.webm"))
+    rows = [good[0],                                                                     # line 2
+            {**good[2], "videoid": "2001", "page_dir": "web",
+             "contentUrl": "https://videos.example/2001.webm"},                          # line 3
+            {**good[0], "name": "the same video again"},                                 # line 4
+            {**good[1], "videoid": ""},                                                  # line 5
+            good[1],                                                                     # line 6
+            {**good[3], "videoid": "2002", "page_dir": "web", "contentUrl": "https://videos.example/2002"},
+            {**good[3], "videoid": "2003", "page_dir": "web", "contentUrl": ""}]         # line 8: nowhere
+    out = str(tmp_path / "shards")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"num_frames": 4, "latent_channels": 12, "latent_size": 8},
+        "codec": {"kind": "lossless", "downscale": 2},
+        "preprocess": {"csv": write_csv(str(tmp_path / "results.csv"), rows), "video_root": str(videos),
+                       "output": out, "num_frames": 4, "fps": 4.0, "resolution": 16,
+                       "samples_per_shard": 2}}))  # path_template left at its default
+    assert trip_main(["preprocess", "--config", str(config)]) == 0
+
+    summary = capsys.readouterr().out
+    assert "this run: 4 ok, 1 skipped, 0 errors; 2 CSV rows rejected;" in summary, summary
+    assert "3 videos or CSV rows not usable" in summary, summary
+    index, problems = validate_dataset(out)
+    assert problems == [] and index["num_samples"] == 4 and index["num_rejected_rows"] == 2
+    with open(os.path.join(out, "errors.jsonl")) as f:
+        errors = [json.loads(line) for line in f]
+    assert [(e["videoid"], e["stage"], e.get("line")) for e in errors] == [
+        (good[0]["videoid"], "csv", 4), ("", "csv", 5), ("2003", "fetch", None)]
+    assert errors[0]["reason"] == f"line 4 repeats videoid {good[0]['videoid']} (first on line 2)"
+    assert errors[1]["reason"] == "line 5 has an empty videoid"
+    tried = [str(videos / "web" / f"2003{e}") for e in (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")]
+    assert errors[2]["reason"] == f"file not found, tried 6 paths: {', '.join(tried)}"
+
+    samples = {s["json"]["videoid"]: s for e in index["shards"] for s in read_shard(f"{out}/{e['name']}")}
+    assert sorted(samples) == sorted([good[0]["videoid"], good[1]["videoid"], "2001", "2002"])
+    assert samples["2001"]["json"]["source_url"] == webm
+    assert samples["2002"]["json"]["source_url"].endswith("2002.webm")
+    import torch
+
+    frames = LosslessCodec(2).decode(torch.from_numpy(samples["2001"]["latents"].astype(np.float32)))
+    back = (frames * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(back, decode_clip(webm, SPEC).frames)

@@ -5,6 +5,8 @@
   per epoch along the surviving trajectory.
 - Elastic: a 2-node run loses a node (2 -> 1 worker, resumed through DeepSpeed's universal
   checkpoint) and gets it back (1 -> 2); the global batch stays 8 and data stays exactly-once.
+- A shard past the corrupt limit: the run ends after its first attempt with the loader's
+  `CorruptDataError` message, although `run.max_failures` would allow two restarts.
 
 Keys come from the `RecordSteps` callback: each rank logs the keys of every step with the id
 of its worker-group attempt, so steps redone after a restart are told apart.
@@ -160,3 +162,30 @@ def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, t
     assert compact == [2, 1, 2], worlds
     text = "".join(log)
     assert "via universal checkpoint" in text, text[-3000:]
+
+
+def test_corrupt_data_ends_the_run_after_one_attempt(tmp_path):
+    """The same shard fails the same way on every attempt: no restart, the loader's message."""
+    import ray
+
+    from pipelines.train import run_training
+    from tests.integration.callbacks import RecordStarts
+    from tests.integration.test_train_ray import make_config
+    from trip import storage
+    from trip.train.failures import FatalTrainingError
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
+    cfg = make_config(str(tmp_path), "corrupt", 4, **{"run.max_failures": 2, "data.max_corrupt_fraction": 0.05})
+    shard = storage.join(cfg.data.dataset, "shard-000001.tar")
+    raw = storage.read_bytes(shard)
+    storage.write_bytes_atomic(shard, raw[: len(raw) // 2])  # truncated: about half its samples lost
+    try:  # run_training starts its own local Ray
+        with pytest.raises(FatalTrainingError) as info:
+            run_training(cfg, [RecordStarts(tmp_path / "debug")])
+    finally:
+        ray.shutdown()
+    message = str(info.value)
+    assert message.startswith("CorruptDataError on rank "), message
+    assert "exceed data.max_corrupt_fraction=0.05" in message and "shard-000001.tar" in message, message
+    starts = [json.loads(line) for line in (tmp_path / "debug" / "starts.jsonl").read_text().splitlines()]
+    assert len({s["attempt"] for s in starts}) == 1, starts  # run.max_failures=2 left unused

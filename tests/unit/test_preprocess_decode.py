@@ -120,6 +120,21 @@ def test_bad_files_are_skips_with_reasons(tmp_path, case: str) -> None:
     assert path in info.value.reason
 
 
+def test_fallbacks_are_tried_only_when_the_file_is_missing(tmp_path) -> None:
+    spec = SamplingSpec(num_frames=2, fps=4.0, resolution=16)
+    webm = _ramp_video(str(tmp_path / "1.webm"))
+    clip = decode_clip(str(tmp_path / "1.mp4"), spec, fallbacks=[str(tmp_path / "1.mkv"), webm])
+    assert _frame_indices(clip) == [0, 2] and clip.meta["source_url"] == webm
+    (tmp_path / "2.mp4").write_bytes(b"")  # present but empty: a skip, not a reason to look on
+    with pytest.raises(SkipVideo, match="empty file"):
+        decode_clip(str(tmp_path / "2.mp4"), spec, fallbacks=[webm])
+    tried = [str(tmp_path / f"3{e}") for e in (".mp4", ".webm", ".mov")]
+    with pytest.raises(SkipVideo) as info:
+        decode_clip(tried[0], spec, fallbacks=tried[1:])
+    assert info.value.stage == "fetch"
+    assert info.value.reason == f"file not found, tried 3 paths: {', '.join(tried)}"
+
+
 def test_slow_source_repeats_frames(tmp_path) -> None:
     path = _ramp_video(str(tmp_path / "slow.mp4"), frames=6, fps=2)
     clip = decode_clip(path, SamplingSpec(num_frames=6, fps=4.0, resolution=16))

@@ -39,3 +39,17 @@ def test_bad_config_and_missing_csv_are_clear(tmp_path, capsys: pytest.CaptureFi
     assert trip_main(["preprocess", "--config", _config(tmp_path, missing),
                       "--set", "preprocess.resolution=20"]) == 2
     assert "preprocess.resolution=20" in capsys.readouterr().err
+
+
+def test_strict_csv_fails_on_a_repeated_videoid_and_starts_nothing(tmp_path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    row = {"videoid": "1", "contentUrl": "a.mp4", "duration": "PT5S", "page_dir": "d", "name": "a"}
+    csv_path = write_csv(str(tmp_path / "results.csv"), [row, {**row, "name": "b"}],
+                         columns=list(row))
+    assert trip_main(["preprocess", "--config", _config(tmp_path, csv_path, strict_csv=True)]) == 2
+    err = capsys.readouterr().err
+    assert f"{csv_path}: line 3 repeats videoid 1" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out").exists()

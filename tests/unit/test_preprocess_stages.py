@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 
@@ -32,6 +33,16 @@ def test_decode_row_reports_skips_and_passes_clips(tmp_path) -> None:
     assert (gone["status"], gone["stage"], gone["frames"]) == ("skipped", "fetch", b"")
     odd = decode_row({**_item(2, path), "url": None}, SPEC)  # a bug, not bad input
     assert odd["status"] == "error" and odd["stage"] == "decode" and "AttributeError" in odd["reason"]
+
+
+def test_decode_row_looks_for_other_extensions_when_told(tmp_path) -> None:
+    found = write_video(np.zeros((4, 16, 16, 3), np.uint8), str(tmp_path / "v.mkv"))
+    guess = str(tmp_path / "v.mp4")
+    assert decode_row(_item(0, guess), SPEC)["stage"] == "fetch"
+    row = decode_row(_item(0, guess), SPEC, other_exts=True)
+    assert row["status"] == "ok" and json.loads(row["meta"])["source_url"] == found
+    gone = decode_row(_item(1, str(tmp_path / "gone.mp4")), SPEC, other_exts=True)
+    assert gone["stage"] == "fetch" and "gone.m4v" in gone["reason"]
 
 
 def test_encode_actor_encodes_ok_rows_and_turns_failures_into_error_rows() -> None:

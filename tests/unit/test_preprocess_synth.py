@@ -38,8 +38,8 @@ def test_same_seed_same_bytes_other_seed_other_videos(tmp_path) -> None:
     videos = sorted(k for k in fa if k.startswith("videos/"))
     assert len(videos) == 4
     assert [fa[k] for k in videos] != [fc[k] for k in videos]
-    assert [r.caption for r in read_rows(os.path.join(a, "results.csv"))] != \
-        [r.caption for r in read_rows(os.path.join(c, "results.csv"))]
+    assert [r.caption for r in read_rows(os.path.join(a, "results.csv")).rows] != \
+        [r.caption for r in read_rows(os.path.join(c, "results.csv")).rows]
 
 
 def _centroid(frame: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -51,7 +51,7 @@ def _centroid(frame: np.ndarray) -> tuple[float, float, np.ndarray]:
 def test_captions_describe_colour_and_motion(tmp_path) -> None:
     root = str(tmp_path / "s")
     csv_path = make_dataset(root, num=32, seed=0, size=64, seconds=4, fps=8, holdout=0)
-    rows = read_rows(csv_path, video_root=os.path.join(root, "videos"))
+    rows = read_rows(csv_path, video_root=os.path.join(root, "videos")).rows
     # balanced: all 32 (shape, colour, direction) combinations appear once in 32 videos
     assert len({r.caption for r in rows}) == 32
     for row in rows:
@@ -79,7 +79,7 @@ def test_synth_cli_writes_csv_videos_and_holdout(tmp_path, capsys: pytest.Captur
     ref = decode_clip(os.path.join(out, "holdout", "000.mp4"), SamplingSpec(num_frames=8, fps=8.0, resolution=32))
     first = np.asarray(Image.open(os.path.join(out, "holdout", "000.png")))
     assert psnr(ref.frames[:1], first[None])[0] > 25  # the same first frame, through MPEG-4 4:2:0
-    rows = read_rows(os.path.join(out, "results.csv"))
+    rows = read_rows(os.path.join(out, "results.csv")).rows
     assert len(rows) == 3 and all(os.path.isfile(r.url) for r in rows)
     assert rows[0].duration == 1.0
     assert "3 videos" in capsys.readouterr().out

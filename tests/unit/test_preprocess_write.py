@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools.shards import read_index, read_shard
-from data_tools.webvid import VideoRow
+from data_tools.webvid import RejectedRow, VideoRow
 from data_tools.write import (
     ERRORS_NAME,
     JobMismatchError,
@@ -64,18 +64,34 @@ def test_commit_resume_and_finish(tmp_path) -> None:
     records[2] = w2.commit(2, [_outcome(rows, 4, bad=True)])  # every row failed: no tar
     assert not os.path.exists(os.path.join(out, "shard-000002.tar"))
     index = w2.finish(records, codec={"kind": "lossless", "scaling_factor": 1.0}, text_encoder=None,
-                      extra={"sampling": {}})
+                      extra={"sampling": {}}, csv_url="/in/results.csv",
+                      rejected=[RejectedRow(7, "3", "repeats videoid 3 (first on line 5)")])
     assert index == read_index(out)
     assert [s["name"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
-    assert index["num_samples"] == 3 and index["num_rows"] == 5 and index["num_errors"] == 2
+    assert index["num_samples"] == 3 and index["num_rows"] == 5 and index["num_errors"] == 3
+    assert index["num_rejected_rows"] == 1
     samples = read_shard(os.path.join(out, "shard-000001.tar"))
     assert [s["__key__"] for s in samples] == ["000000003"]
     with open(os.path.join(out, ERRORS_NAME)) as f:
         errors = [json.loads(line) for line in f]
     assert [(e["videoid"], e["stage"], e["reason"]) for e in errors] == [
+        ("3", "csv", "line 7 repeats videoid 3 (first on line 5)"),
         ("2", "decode", "too short"), ("4", "decode", "too short")]
+    assert (errors[0]["csv"], errors[0]["line"]) == ("/in/results.csv", 7)
     # mean over channels of latents filled with 0, 1, 3
     np.testing.assert_allclose(index["latent_mean"], [4 / 3] * 3)
+
+
+def test_jobs_started_before_strict_csv_and_ext_keep_their_fingerprint() -> None:
+    """A job started with the old default template resumes when that template is set
+    explicitly: the value is what the code before `strict_csv` and `{ext}` computed."""
+    from pipelines.preprocess import _fingerprint
+    from trip.config import PreprocessConfig
+
+    old = PreprocessConfig(csv="a.csv", output="o", path_template="{page_dir}/{videoid}.mp4")
+    assert _fingerprint(old, {"kind": "lossless"}, None, 64) == "8afe52a36275d13d"
+    strict = PreprocessConfig(csv="a.csv", output="o", path_template=old.path_template, strict_csv=True)
+    assert _fingerprint(strict, {"kind": "lossless"}, None, 64) == "8afe52a36275d13d"
 
 
 def test_records_of_another_job_are_refused(tmp_path) -> None:

@@ -11,7 +11,8 @@ directory, which Ray puts on the workers' path, or the driver's `__main__`).
                 print(step.step, step.loss)
 
 A callback runs on the training path: whatever it spends, the step spends. An exception
-it raises fails the worker (and Ray Train restarts the group up to `run.max_failures`).
+it raises fails the worker (and Ray Train restarts the group up to `run.max_failures` times,
+unless it is one a restart would repeat: see `trip.train.failures`).
 `on_checkpoint` runs on rank 0's checkpoint-writer thread, not the training thread.
 
 `RecordSteps` is the one shipped here: it writes which samples each rank trained on at

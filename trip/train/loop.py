@@ -51,13 +51,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config["config"]` is the run config as a dict."""
     import ray.train
 
+    from trip.train.failures import FatalTrainingError, is_fatal
+
     ctx = ray.train.get_context()
     setup_logging(rank=ctx.get_world_rank())
-    cfg: Config = config_from_dict(loop_config["config"], "run config")
-    with tempfile.TemporaryDirectory(prefix="trip-worker-") as scratch:
-        trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), scratch,
-                          callbacks=loop_config.get("callbacks") or ())
-        trainer.run()
+    try:
+        cfg: Config = config_from_dict(loop_config["config"], "run config")
+        with tempfile.TemporaryDirectory(prefix="trip-worker-") as scratch:
+            trainer = Trainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
+                              scratch, callbacks=loop_config.get("callbacks") or ())
+            trainer.run()
+    except Exception as e:
+        if is_fatal(e):  # the driver's StopOnFatalError ends the run instead of restarting it
+            raise FatalTrainingError.wrap(e, ctx.get_world_rank()) from e
+        raise
 
 
 def _collective() -> bool:
