@@ -11,6 +11,7 @@ Layout written under `out/`:
     videos/<page_dir>/<videoid>.mp4   MPEG-4 Part 2 (deterministic bytes)
     holdout/<i>.png + holdout/captions.csv   first frames of extra, unseen videos
     holdout/<i>.mp4                   those videos whole: what a sample of <i>.png should show
+    holdout/results.csv               the same videos as a WebVid-format CSV (a validation set)
 """
 
 from __future__ import annotations
@@ -160,11 +161,15 @@ def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frame
     if not motions:
         return
     os.makedirs(folder, exist_ok=True)
-    rows = []
+    rows, webvid = [], []
     for i, motion in enumerate(motions):
-        name = f"{i:03d}.png"
+        name, video = f"{i:03d}.png", os.path.join(folder, f"{i:03d}.mp4")
         frames = draw_motion(motion, size, num_frames)
         Image.fromarray(frames[0]).save(os.path.join(folder, name))
-        write_video(frames, os.path.join(folder, f"{i:03d}.mp4"), fps=fps)
+        write_video(frames, video, fps=fps)
         rows.append({"file": name, "caption": motion.caption})
+        webvid.append({"videoid": f"{i:03d}", "contentUrl": os.path.abspath(video),
+                       "duration": iso_duration(num_frames / fps), "page_dir": "holdout", "name": motion.caption,
+                       "shape": motion.shape, "color": motion.color, "direction": motion.direction})
     write_csv(os.path.join(folder, "captions.csv"), rows, columns=["file", "caption"])
+    write_csv(os.path.join(folder, "results.csv"), webvid)

@@ -38,7 +38,7 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
 # 600 steps of 32 clips to move the shapes the right way: fewer, larger batches make the
 # demo learn visible motion in ~5 minutes of training.
 DEMO_OVERRIDES = ["data.micro_batch_size=16", "train.global_batch_size=32", "train.max_steps=600",
-                  "train.checkpoint_every=200", "train.log_every=25"]
+                  "train.checkpoint_every=200", "train.log_every=25", "train.validate_every=200"]
 
 
 log = get_logger("demo")
@@ -97,14 +97,15 @@ def demo_config(out: Path, store: str, steps: int | None, sample_steps: int | No
     """tiny_cpu.yaml with every path pointed into this demo's folders."""
     from trip.config import load_config
 
-    cfg = load_config(CONFIG, DEMO_OVERRIDES)
+    cfg = load_config(CONFIG, [*DEMO_OVERRIDES, f"data.validation={store}/validation"])
     webvid = (out / "webvid").resolve()
     cfg.preprocess = replace(cfg.preprocess, csv=str(webvid / "results.csv"), video_root=str(webvid / "videos"),
                              output=f"{store}/shards")
     cfg.data = replace(cfg.data, dataset=f"{store}/shards")
     cfg.run = replace(cfg.run, storage_path=f"{store}/runs", output_dir=str((out / "run").resolve()))
     if steps:
-        cfg.train = replace(cfg.train, max_steps=steps, checkpoint_every=min(cfg.train.checkpoint_every, steps),
+        every = min(cfg.train.checkpoint_every, steps)
+        cfg.train = replace(cfg.train, max_steps=steps, checkpoint_every=every, validate_every=every,
                             log_every=min(cfg.train.log_every, steps), warmup_steps=min(cfg.train.warmup_steps, steps))
     if sample_steps:
         cfg.sample = replace(cfg.sample, steps=sample_steps)
@@ -151,6 +152,22 @@ def score_samples(generated: dict, holdout: Path, pre) -> dict[str, dict[str, fl
             for name, frames in sorted(generated.items())}
 
 
+def validation_summary(cfg) -> dict[str, dict]:
+    """{step: validation figures} of the run, from its storage."""
+    from trip import storage
+    from trip.train.checkpoint import RunDir
+    from trip.train.validation import RESULT
+
+    run = RunDir(cfg.run.storage_path, cfg.run.name)
+    out = {}
+    for step in range(cfg.train.validate_every, cfg.train.max_steps + 1, cfg.train.validate_every):
+        url = storage.join(run.validation_url(step), RESULT)
+        if storage.exists(url):
+            figures = json.loads(storage.read_bytes(url))
+            out[str(step)] = {k: v for k, v in figures.items() if k != "per_clip"}
+    return out
+
+
 def quality_table(per_clip: dict[str, dict[str, float]], captions: dict[str, str]) -> list[str]:
     """The demo's closing table: one line per held-back clip."""
     lines = [f"  {'clip':<28} {'PSNR first -> last':>18} {'moved / true px':>16} {'ratio':>6} {'dir err':>8}"]
@@ -192,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         _say("2/4 preprocess", f"Ray Data job -> latent shards in {cfg.preprocess.output}")
         pre = run_preprocess(cfg.preprocess, cfg.codec)
         log.info(f"{pre.index['num_samples']} samples in {len(pre.index['shards'])} shards ({pre.seconds:.1f} s)")
+        # the held-back videos become the validation set: scored while training runs
+        held = run_preprocess(replace(cfg.preprocess, csv=str((out / "webvid" / "holdout" / "results.csv").resolve()),
+                                      video_root=None, output=cfg.data.validation), cfg.codec)
+        log.info(f"validation set: {held.index['num_samples']} held-back samples in {cfg.data.validation}")
 
         from pipelines.train import run_training
 
@@ -218,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": files,
         "plot": result.plot,
         "quality": {"per_clip": quality, "mean": summarize(quality)},
+        "validation": validation_summary(cfg),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,14 @@ def validate(cfg: Config) -> None:
     if cfg.data.text and text and text[-1] != m.unet.cross_attention_dim:
         raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: text states of width {text[-1]} "
                           f"but model.unet.cross_attention_dim = {m.unet.cross_attention_dim}")
+    if cfg.train.validate_every:
+        try:
+            held = read_index(cfg.data.validation)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.validation: {e}") from e
+        if list(held["latent_shape"]) != want:
+            raise ConfigError(f"{storage.join(cfg.data.validation, 'index.json')}: latent_shape "
+                              f"{held['latent_shape']} does not match the training set's {want}")
     if index["num_samples"] < cfg.train.global_batch_size:
         raise ConfigError(f"data.dataset has {index['num_samples']} samples: fewer than one step's "
                           f"train.global_batch_size = {cfg.train.global_batch_size}")
@@ -129,9 +137,11 @@ def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
     )
 
 
-def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = (),
+                 on_validation: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Validate, train to cfg.train.max_steps (resuming if the run exists), return the result.
-    `callbacks` run in every worker (`trip.train.callbacks`). Raises
+    `callbacks` run in every worker (`trip.train.callbacks`); `on_validation(step, figures)`
+    runs in the driver after each validation (`train.validate_every`). Raises
     `trip.train.failures.FatalTrainingError` after one attempt when a worker hit an error a
     restart would repeat."""
     validate(cfg)
@@ -145,13 +155,56 @@ def run_training(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> TrainR
         init_ray(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     from trip.train.failures import FatalTrainingError
 
+    watcher = start_validation(cfg, on_validation) if cfg.train.validate_every else None
     try:
-        build_trainer(cfg, callbacks).fit()
-    except ray.train.ControllerError as e:
-        if isinstance(e.controller_failure, FatalTrainingError):
-            raise e.controller_failure from None  # its message says it all; Ray's wrapping adds nothing
-        raise
+        try:
+            build_trainer(cfg, callbacks).fit()
+        except ray.train.ControllerError as e:
+            if isinstance(e.controller_failure, FatalTrainingError):
+                raise e.controller_failure from None  # its message says it all; Ray's wrapping adds nothing
+            raise
+        if watcher is not None:
+            watcher.finish()  # the steps committed since its last look, the final one included
+    finally:
+        if watcher is not None:
+            watcher.close()
     return read_result(cfg)
+
+
+def start_validation(cfg: Config, on_validation: Callable[[int, dict[str, Any]], None] | None = None) -> Any:
+    """The validation actor (its own resources, `scaling.validation_*`) and the driver thread
+    that hands it each committed validation step (`trip.train.validation`)."""
+    import ray
+
+    from trip.train.checkpoint import RunDir
+    from trip.train.validation import ValidationWatcher, Validator
+
+    s = cfg.scaling
+    actor = ray.remote(Validator).options(
+        num_cpus=s.validation_cpus, num_gpus=s.validation_gpus if s.use_gpu else 0,
+        runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
+                     "worker_process_setup_hook": "trip.log.setup_ray_worker"},
+    ).remote(to_dict(cfg))
+    try:
+        url = ray.get(actor.metrics_url.remote(), timeout=120)
+        if url:
+            log.info(f"validation metrics at {url}")
+    except ray.exceptions.GetTimeoutError:
+        log.warning(f"the validation actor is still waiting for its resources (scaling.validation_cpus="
+                    f"{s.validation_cpus}, validation_gpus={s.validation_gpus}) beside the training workers: "
+                    f"validations wait until there is room")
+
+    def report(step: int, figures: dict[str, Any]) -> None:
+        extra = "".join(f", {label} {figures[key]:.{digits}f}" for key, label, digits in (
+            ("psnr", "PSNR", 1), ("ssim", "SSIM", 3), ("displacement_ratio", "displacement ratio", 2))
+            if key in figures)
+        log.info(f"validation at step {step}: loss {figures['loss']:.4f}{extra} ({figures['seconds']:.1f} s)")
+        if on_validation is not None:
+            on_validation(step, figures)
+
+    run = RunDir(cfg.run.storage_path, cfg.run.name, validate_every=cfg.train.validate_every)
+    return ValidationWatcher(run, cfg.train.validate_every, lambda *args: ray.get(actor.validate.remote(*args)),
+                             on_result=report, on_close=lambda: ray.kill(actor)).start()
 
 
 def read_result(cfg: Config) -> TrainResult:

@@ -158,6 +158,7 @@ class DataConfig:
     prefetch_factor: int = 4  # batches prefetched per worker
     pin_memory: bool = True  # pin host memory when training on CUDA
     text: bool = True  # load text states when the shards have them
+    validation: str | None = None  # held-out shard set (prefix with index.json) for train.validate_every
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -240,12 +241,21 @@ class TrainConfig:
     log_every: int = 10  # rank 0 prints progress every n steps
     checkpoint_every: int = 100  # report (a barrier) + checkpoint every n steps
     keep_checkpoints: int = 2  # keep the last K checkpoints in storage
+    validate_every: int = 0  # validate the checkpoint of every n-th step (a multiple of checkpoint_every); 0: never
+    validation_samples: int = 32  # held-out samples in the validation loss (fixed noise and timesteps)
+    validation_videos: int = 4  # sample videos per validation, from the first held-out samples' first frames
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("max_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "validation_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if self.validate_every < 0 or self.validation_videos < 0:
+            raise ValueError("train.validate_every and train.validation_videos must be >= 0")
+        if self.validate_every % self.checkpoint_every:
+            raise ValueError(f"train.validate_every={self.validate_every} must be a multiple of "
+                             f"train.checkpoint_every={self.checkpoint_every}: validation reads committed checkpoints")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("train.ema_decay must lie in [0, 1)")
 
@@ -261,6 +271,8 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # GPUs reserved per worker (with use_gpu)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
     resize_check_s: float = 60.0  # elastic: how often Ray looks for room to grow the group
+    validation_cpus: float = 1.0  # CPUs of the validation actor (train.validate_every), beside the workers
+    validation_gpus: float = 0.0  # GPUs of the validation actor (0: it samples on CPU)
 
     def __post_init__(self) -> None:
         if (self.min_workers is None) != (self.max_workers is None):
@@ -272,6 +284,8 @@ class ScalingConfig:
             )
         if self.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if self.validation_cpus < 0 or self.validation_gpus < 0:
+            raise ValueError("scaling.validation_cpus and scaling.validation_gpus must be >= 0")
 
     @property
     def world_sizes(self) -> range:
@@ -349,6 +363,8 @@ class Config:
             )
         if m.unet.cross_attention_dim < 1:
             raise ValueError("model.unet.cross_attention_dim must be >= 1")
+        if self.train.validate_every and not self.data.validation:
+            raise ValueError("train.validate_every is set but data.validation is empty: name a held-out shard set")
         smallest_share = self.train.global_batch_size // max(self.scaling.world_sizes)
         if smallest_share < 1:
             raise ValueError(

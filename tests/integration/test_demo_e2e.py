@@ -41,6 +41,11 @@ def test_demo_small_run_produces_valid_shards_checkpoint_samples_and_summary(tmp
         assert {"psnr", "psnr_first", "psnr_last", "ssim", "displacement_ratio"} <= set(figures)
         assert all(math.isfinite(v) for v in figures.values())
     assert math.isfinite(summary["quality"]["mean"]["displacement_ratio_min"])
+    # validated while it trained, from the held-back videos: once, at the validation step
+    assert list(summary["validation"]) == ["4"] and math.isfinite(summary["validation"]["4"]["loss"])
+    val = out / "store" / "runs" / "trip-tiny" / "validation" / "step-000000004"
+    assert (val / "result.json").is_file() and (val / "contact_sheet.png").is_file()
+    assert len(list(val.glob("*.gif"))) == len(list(val.glob("*.mp4"))) == 4
 
     index, problems = validate_dataset(summary["shards"])
     assert not problems and index["num_samples"] == 32

@@ -39,6 +39,10 @@ def ray_local():
     ray.shutdown()
 
 
+VALIDATED = {"train.validate_every": 2, "train.validation_samples": 4, "train.validation_videos": 1,
+             "sample.steps": 2}
+
+
 def make_config(bucket: str, name: str, steps: int, port: int = 0, **extra: object):
     from trip.data.synth import write_synthetic_dataset
 
@@ -47,6 +51,8 @@ def make_config(bucket: str, name: str, steps: int, port: int = 0, **extra: obje
 
     if not storage.exists(storage.join(data, "index.json")):
         write_synthetic_dataset(data, [16, 16], latent_shape=(8, 192, 4, 4), text_shape=None)
+        write_synthetic_dataset(f"{bucket}/validation", [4], latent_shape=(8, 192, 4, 4), text_shape=None, seed=7)
+    extra = {"data.validation": f"{bucket}/validation", **extra}
     sets = {"data.dataset": data, "run.storage_path": f"{bucket}/runs", "run.name": name,
             "train.max_steps": steps, "train.checkpoint_every": 2, "train.log_every": 1,
             "train.warmup_steps": 1, "train.min_lr_ratio": 1.0, "metrics.port": port, "metrics.addr": "127.0.0.1",
@@ -104,13 +110,15 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
         subprocess.run(["apt-get", "install", "-y", "prometheus"], check=True, capture_output=True)
     debug = tmp_path / "debug"
     port = free_port()
-    prom = Prometheus([f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"], tempfile.mkdtemp(dir=tmp_path))
+    # the workers on port, port + 1; the validation actor on port - 1
+    prom = Prometheus([f"127.0.0.1:{port + i}" for i in (-1, 0, 1)], tempfile.mkdtemp(dir=tmp_path))
+    validated: list[int] = []
     try:
         # run A, part 1: 4 of 6 steps (the LR schedule is constant after warmup, so stopping
-        # early is the same trajectory as an interrupted 6-step run)
-        cfg = make_config(s3_bucket, "resumed", 4, port=port)
-        first = run_training(cfg, [RecordSteps(str(debug))])
-        assert first.steps == 4
+        # early is the same trajectory as an interrupted 6-step run), validated every 2 steps
+        cfg = make_config(s3_bucket, "resumed", 4, port=port, **VALIDATED)
+        first = run_training(cfg, [RecordSteps(str(debug))], on_validation=lambda step, f: validated.append(step))
+        assert first.steps == 4 and validated == [2, 4]
         # both ranks were scraped while training (the exporters stop with the run, so query
         # over a window: range selectors skip the staleness markers)
         for _ in range(20):
@@ -132,6 +140,8 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
         assert labels <= {"__name__", "run", "rank", "node", "job", "instance", "group", "le"}, labels
         values = {v for r in series for v in r["metric"].values()}
         assert not any("testing" in v or "s3://" in v for v in values), values  # no credentials or URLs
+        val = prom.query('last_over_time(trip_val_loss{run="resumed"}[5m])')
+        assert [r["metric"]["rank"] for r in val] == ["validation"] and math.isfinite(float(val[0]["value"][1]))
         check_monitoring_exprs(prom)
     finally:
         prom.stop()
@@ -160,9 +170,14 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     assert fs.exists(f"{bucket}/out/resumed/training.png")
     assert fs.exists(f"{bucket}/runs/resumed/training.png") and fs.exists(f"{bucket}/runs/resumed/summary.json")
 
-    # run A, part 2: same name, 6 steps -> resumes at 4
-    resumed = run_training(make_config(s3_bucket, "resumed", 6))
-    assert resumed.steps == 6
+    # run A, part 2: same name, 6 steps -> resumes at 4; validates step 6 only (2 and 4 are done)
+    resumed = run_training(make_config(s3_bucket, "resumed", 6, **VALIDATED),
+                           on_validation=lambda step, f: validated.append(step))
+    assert resumed.steps == 6 and validated == [2, 4, 6]
+    for step in (2, 4, 6):
+        result = json.loads(fs.cat(f"{bucket}/runs/resumed/validation/step-{step:09d}/result.json"))
+        assert math.isfinite(result["loss"]) and result["samples"] == 4
+        assert fs.exists(f"{bucket}/runs/resumed/validation/step-{step:09d}/contact_sheet.png")
     # run B: uninterrupted 6 steps
     straight = run_training(make_config(s3_bucket, "straight", 6))
     assert straight.steps == 6 and straight.summary.endswith("out/straight/summary.json")

@@ -75,6 +75,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             alerts("TripTrainingRestartsRepeated", "8m", {"severity": "warning", "run": "flapping"}),
         ],
     },
+    "validation loss rose three validations in a row": {
+        "input_series": [
+            series("trip_val_loss_rises", "0 1 1 2 2 3 3", run="overfitting", rank="validation"),
+            series("trip_val_loss_rises", "0 1 0 1 2 0 1", run="healthy", rank="validation"),
+        ],
+        "alert_rule_test": [
+            alerts("TripValidationLossRising", "4m"),
+            alerts("TripValidationLossRising", "6m", {"severity": "warning", "run": "overfitting"}),
+        ],
+    },
     "preprocessing error rate above 5%": {
         "input_series": [
             series("trip_preprocess_videos_total", "0+90x60", status="ok"),

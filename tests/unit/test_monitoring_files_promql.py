@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from trip import monitoring_exprs as mx
+from trip.train.validation import VALIDATION_METRICS
 
 # The metric contract of the exporters (issue 6); an expression naming anything else is a typo.
 TRIP_METRICS = {
@@ -28,6 +29,8 @@ TRIP_METRICS = {
     "trip_gpu_memory_reserved_bytes", "trip_preprocess_videos_total", "trip_preprocess_bytes_total",
     "trip_preprocess_encode_seconds_bucket", "trip_preprocess_shards_total",
 }
+# the validation actor's (trip.train.validation)
+TRIP_METRICS |= {f"trip_val_{name}" for name in VALIDATION_METRICS}
 EXTERNAL_METRICS = {
     "ray_node_cpu_utilization", "ray_node_mem_used", "ray_node_gpus_utilization",
     "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
@@ -49,7 +52,7 @@ def check_rules(path: Path) -> subprocess.CompletedProcess[str]:
 def test_alert_rules_file_passes_promtool_check_rules() -> None:
     result = check_rules(mx.RULES_PATH)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_every_dashboard_and_rule_expression_parses_in_promtool(tmp_path: Path) -> None:
@@ -116,6 +119,8 @@ def test_dashboard_shows_every_required_view() -> None:
         "Ray node metrics": "ray_node_cpu_utilization",
         "preprocessing progress": "trip_preprocess_videos_total",
         "preprocessing errors": 'trip_preprocess_videos_total{status="error"}',
+        "validation loss": "trip_val_loss",
+        "validation quality": "trip_val_psnr",
     }
     missing = [view for view, needle in required.items() if needle not in exprs]
     assert not missing, f"dashboard lacks: {missing}"
@@ -147,7 +152,7 @@ def test_alert_rules_cover_the_failure_modes_with_severity_and_summary() -> None
     alerts = {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
     assert set(alerts) == {
         "TripTrainingNoProgress", "TripTrainingLossNotFinite", "TripCorruptSampleRateHigh",
-        "TripTrainingRestartsRepeated", "TripPreprocessErrorRateHigh",
+        "TripTrainingRestartsRepeated", "TripPreprocessErrorRateHigh", "TripValidationLossRising",
     }
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name

@@ -119,7 +119,8 @@ class Found:
 class RunDir:
     """A run's directory in storage: checkpoints, history and report, through fsspec."""
 
-    def __init__(self, storage_path: str, name: str) -> None:
+    def __init__(self, storage_path: str, name: str, validate_every: int = 0) -> None:
+        self.validate_every = validate_every  # retention keeps these steps until validated
         self.url = storage.join(storage_path, name)
         self.fs, self.path = storage.filesystem(self.url)
         self.local = storage.local_path(self.url) is not None
@@ -137,6 +138,18 @@ class RunDir:
     # ------------------------------------------------------------------ paths
     def checkpoint_url(self, step: int) -> str:
         return storage.join(self.url, "checkpoints", step_name(step))
+
+    def validation_url(self, step: int) -> str:
+        return storage.join(self.url, "validation", step_name(step))
+
+    def validated(self, step: int) -> bool:
+        """True once the validation of `step` is complete (its result is written last)."""
+        from trip.train.validation import RESULT
+
+        return storage.exists(storage.join(self.validation_url(step), RESULT))
+
+    def awaiting_validation(self, step: int) -> bool:
+        return bool(self.validate_every) and step % self.validate_every == 0 and not self.validated(step)
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
@@ -239,11 +252,13 @@ class RunDir:
 
     def retain(self, keep: int, protect: int | None = None) -> list[int]:
         """Delete all but the `keep` newest complete checkpoints, and torn ones older than the
-        newest complete one; never `protect` (a checkpoint still being read). Returns steps removed."""
+        newest complete one; never `protect` (a checkpoint still being read) nor a complete
+        checkpoint still awaiting its validation. Returns steps removed."""
         complete = [s for s in self.steps() if self.check(s)[0] is not None]
         if not complete:
             return []
         keep_set = set(complete[-keep:]) | ({protect} if protect is not None else set())
+        keep_set |= {s for s in complete[:-keep] if self.awaiting_validation(s)}
         gone = [s for s in self.steps() if s not in keep_set and s < complete[-1]]
         for s in gone:
             self.remove_checkpoint(s)

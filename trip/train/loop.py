@@ -112,7 +112,7 @@ class Trainer:
         else:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.run_dir = ckpt.RunDir(cfg.run.storage_path, cfg.run.name)
+        self.run_dir = ckpt.RunDir(cfg.run.storage_path, cfg.run.name, validate_every=cfg.train.validate_every)
         self.preemption = Preemption(cfg.run.preemption_grace_s)
         self.preemption.install()
 
