@@ -183,7 +183,7 @@ def start_validation(cfg: Config, on_validation: Callable[[int, dict[str, Any]],
     actor = ray.remote(Validator).options(
         num_cpus=s.validation_cpus, num_gpus=s.validation_gpus if s.use_gpu else 0,
         runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
-                     "worker_process_setup_hook": "trip.log.setup_ray_worker"},
+                     "worker_process_setup_hook": "trip.log.setup_validation_worker"},
     ).remote(to_dict(cfg))
     try:
         url = ray.get(actor.metrics_url.remote(), timeout=120)

@@ -236,6 +236,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     ema_decay: float = 0.999  # 0 disables EMA
     text_dropout: float = 0.1  # drop text states with this probability (for CFG)
+    residual_loss_weight: float = 0.0  # + this x the residual UNet's own noise MSE (0: the paper's loss; see TRIPObjective)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 recommended on GPU
     seed: int = 0  # model init; per-sample noise/timesteps; per-micro-batch dropout
     log_every: int = 10  # rank 0 prints progress every n steps

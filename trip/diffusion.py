@@ -61,13 +61,23 @@ class SampleDraws:
 
 
 class TRIPObjective(nn.Module):
-    """model + noise/timestep sampling -> scalar MSE loss."""
+    """model + noise/timestep sampling -> scalar MSE loss.
 
-    def __init__(self, model: TRIPModel, text_dropout: float = 0.0) -> None:
+    The paper's loss is the MSE of the fused prediction alone. `residual_weight` > 0 adds
+    that weight times the MSE of the residual UNet's own prediction: a UNet trained from
+    scratch is at first a far worse noise estimate than the image noise prior, so the fusion
+    learns to take the prior (lambda -> 1 on every frame), which leaves the UNet almost no
+    gradient ((1 - lambda) times the loss's), so it never becomes the better estimate for the
+    frames that move. The extra term keeps the UNet learning what a pretrained one already
+    knows (`train.residual_loss_weight`; measured in `bench.ablation`)."""
+
+    def __init__(self, model: TRIPModel, text_dropout: float = 0.0, residual_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.scheduler = train_scheduler(model.diffusion_cfg)
         self.text_dropout = text_dropout
+        # with no shortcut (TRIP^-) the residual *is* the prediction: nothing to add
+        self.residual_weight = residual_weight if model.cfg.fusion.mode != "none" else 0.0
 
     def forward(self, latents: torch.Tensor, image_latents: torch.Tensor,
                 text_states: torch.Tensor | None = None, valid: torch.Tensor | None = None,
@@ -98,6 +108,8 @@ class TRIPObjective(nn.Module):
             text_states = text_states * keep.to(text_states.dtype)
         out = self.model(noisy.to(latents.dtype), image_latents, timesteps, text_states)
         err = (out.noise.float() - noise).pow(2).mean(dim=(1, 2, 3, 4))
+        if self.residual_weight:
+            err = err + self.residual_weight * (out.residual.float() - noise).pow(2).mean(dim=(1, 2, 3, 4))
         if weights is not None:
             return (err * weights.float()).sum()
         if valid is not None:

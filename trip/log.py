@@ -77,9 +77,9 @@ def get_logger(name: str = ROOT) -> logging.Logger:
 
 
 class _Format(logging.Formatter):
-    def __init__(self, rank: int | None) -> None:
+    def __init__(self, rank: int | str | None) -> None:
         super().__init__()
-        self.prefix = "[trip]" if not rank else f"[trip rank {rank}]"
+        self.prefix = "[trip]" if not rank else f"[trip {rank}]" if isinstance(rank, str) else f"[trip rank {rank}]"
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
@@ -93,9 +93,10 @@ class _Format(logging.Formatter):
 _state: dict[str, Any] = {"rank": None, "handler": None}
 
 
-def setup(rank: int | None = None) -> logging.Logger:
+def setup(rank: int | str | None = None) -> logging.Logger:
     """Configure the "trip" logger for this process (idempotent; call again to change the
-    rank) and quiet the dependencies; `rank` None is the driver or a CLI."""
+    rank) and quiet the dependencies; `rank` None is the driver or a CLI, a name (e.g.
+    "validation") a helper process that, like ranks > 0, shows warnings only."""
     _state["rank"] = rank
     lvl = level()
     root = logging.getLogger(ROOT)
@@ -163,6 +164,13 @@ def setup_ray_worker() -> None:
 
         with contextlib.suppress(Exception):
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def setup_validation_worker() -> None:
+    """The setup hook of the validation actor's process: like a training rank > 0 it shows
+    warnings only (its results reach the console through the driver)."""
+    setup_ray_worker()
+    setup(rank="validation")
 
 
 def ray_init_kwargs() -> dict[str, Any]:

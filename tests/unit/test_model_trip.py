@@ -132,3 +132,20 @@ def test_wrong_input_shapes_raise_value_error_naming_expected_and_got(which, sha
     args[which] = torch.zeros(shape)
     with pytest.raises(ValueError, match=match):
         model(args["noisy"], args["image"], torch.tensor([1, 2]), args["text"])
+
+
+@pytest.mark.parametrize("fusion", ["tnf", "none"])
+def test_residual_loss_weight_adds_the_unets_own_error(fusion, tiny_model_config):
+    cfg = tiny_model_config(fusion=FusionConfig(mode=fusion, dim=32, heads=4, timestep_dim=32))
+    model = TRIPModel(cfg).eval()  # no dropout: the same forward three times
+    lat, img, text = _batch(cfg)
+    t, noise = torch.tensor([100, 600]), torch.randn_like(lat)
+    with torch.no_grad():
+        out = model(TRIPObjective(model).scheduler.add_noise(lat, noise, t), img, t, text)
+        fused = (out.noise - noise).pow(2).mean()
+        residual = (out.residual - noise).pow(2).mean()
+        plain = TRIPObjective(model)(lat, img, text, timesteps=t, noise=noise)
+        weighted = TRIPObjective(model, residual_weight=0.5)(lat, img, text, timesteps=t, noise=noise)
+    torch.testing.assert_close(plain, fused)
+    # TRIP^- has no shortcut: its residual is its prediction, so nothing is added
+    torch.testing.assert_close(weighted, fused + 0.5 * residual if fusion == "tnf" else fused)

@@ -136,7 +136,7 @@ class Trainer:
                                   world_size=world, on_gpu=self.on_gpu, load_universal=universal)
         with prints_to_debug(__name__):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=TRIPObjective(model, cfg.train.text_dropout), model_parameters=params, config=ds_cfg)
+                model=TRIPObjective(model, cfg.train.text_dropout, cfg.train.residual_loss_weight), model_parameters=params, config=ds_cfg)
         self.draws = SampleDraws(cfg.train.seed, cfg.diffusion.num_train_timesteps, cfg.train.text_dropout)
         self.named = list(self.engine.module.named_parameters())
         part = [p for _, p in self.named if hasattr(p, "ds_tensor")]

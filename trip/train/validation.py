@@ -153,7 +153,7 @@ def validate_checkpoint(checkpoint_url: str, val: ValidationSet, cfg: Any, out_u
     from trip.train.export import export_checkpoint
     from trip.video import to_uint8, write_gif, write_mp4
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     with tempfile.TemporaryDirectory(prefix="trip-val-") as tmp:
         model_dir = os.path.join(tmp, "model")
         export_checkpoint(checkpoint_url, model_dir, use_ema=cfg.train.ema_decay > 0)
@@ -182,6 +182,7 @@ def validate_checkpoint(checkpoint_url: str, val: ValidationSet, cfg: Any, out_u
             figures.update(summarize(per_clip))
             figures["per_clip"] = per_clip
     figures["seconds"] = round(time.perf_counter() - t0, 3)
+    figures["started"], figures["finished"] = started, time.time()  # to compare with the step times
     storage.write_bytes_atomic(storage.join(out_url, RESULT), (json.dumps(figures, indent=2) + "\n").encode())
     return figures
 
