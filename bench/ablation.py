@@ -2,7 +2,7 @@
 vs channel conditioning, equal steps and seeds, scored without any network weights.
 
     python -m bench.ablation [--steps 300] [--seeds 0 1 2] [--variants tnf linear none channel]
-                             [--residual-loss-weight 0] [--jobs 2] [--downscale 8]
+                             [--residual-loss-weight 0] [--jobs 2] [--downscale 8] [--batch 32]
 
 Variants (the paper's names): `tnf` = TRIP (temporal conditioning + TNF), `linear` = TRIP^W
 (lambda falling linearly over frames), `none` = TRIP^- (no image noise prior: the UNet
@@ -69,7 +69,7 @@ def prepare(root: str, videos: int = 64, holdout: int = 8, downscale: int = 8) -
 
 
 def run_variant(variant: str, seed: int, steps: int, data: dict[str, str], residual_weight: float,
-                batch: int = 32, downscale: int = 8) -> dict[str, Any]:
+                batch: int = 32, downscale: int = 8, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one variant from scratch and score its EMA weights (runs in a worker process)."""
     import copy
 
@@ -88,7 +88,8 @@ def run_variant(variant: str, seed: int, steps: int, data: dict[str, str], resid
     torch.set_num_threads(1)
     cfg = load_config(TINY, [*VARIANTS[variant], f"train.max_steps={steps}", f"train.seed={seed}",
                              f"train.residual_loss_weight={residual_weight}", f"codec.downscale={downscale}",
-                             f"model.latent_channels={3 * downscale**2}", f"model.latent_size={32 // downscale}"])
+                             f"model.latent_channels={3 * downscale**2}", f"model.latent_size={32 // downscale}",
+                             *overrides])
     train = torch.load(data["train"], weights_only=True)  # our own tensors, written by prepare()
     held = torch.load(data["held"], weights_only=True)
     torch.manual_seed(seed)
@@ -138,7 +139,8 @@ def _spread(values: list[float]) -> str:
 
 
 def main(steps: int = 300, seeds: tuple[int, ...] = (0, 1, 2), variants: tuple[str, ...] = tuple(VARIANTS),
-         residual_weight: float = 0.0, jobs: int = 2, downscale: int = 8) -> list[dict]:
+         residual_weight: float = 0.0, jobs: int = 2, downscale: int = 8, batch: int = 32,
+         overrides: tuple[str, ...] = ()) -> list[dict]:
     from bench.common import row
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -147,7 +149,7 @@ def main(steps: int = 300, seeds: tuple[int, ...] = (0, 1, 2), variants: tuple[s
         data = prepare(root, downscale=downscale)
         runs = [(v, s) for s in seeds for v in variants]
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_variant, v, s, steps, data, residual_weight, downscale=downscale)
+            futures = [pool.submit(run_variant, v, s, steps, data, residual_weight, batch, downscale, overrides)
                        for v, s in runs]
             results = []
             for f in futures:
@@ -157,11 +159,12 @@ def main(steps: int = 300, seeds: tuple[int, ...] = (0, 1, 2), variants: tuple[s
                       f"last-frame PSNR {r['psnr_last']:.1f} dB, displacement ratio {r['displacement_ratio']:.2f} "
                       f"(min {r['displacement_ratio_min']:.2f}), {r['train_seconds']:.0f} s", flush=True)
     by = {v: [r for r in results if r["variant"] == v] for v in variants}
-    print(f"\n{steps} steps x batch 32, seeds {list(seeds)}, residual_loss_weight {residual_weight}, lossless "
-          f"codec x{downscale}; mean (min-max) over seeds")
+    print(f"\n{steps} steps x batch {batch}, seeds {list(seeds)}, residual_loss_weight {residual_weight}, lossless "
+          f"codec x{downscale}{', ' + ' '.join(overrides) if overrides else ''}; mean (min-max) over seeds")
     print(f"{'variant':<20} {'val loss':>22} {'last-frame PSNR dB':>22} {'displacement ratio':>22}")
-    figures: dict[str, Any] = {"bench": "ablation", "steps": steps, "seeds": len(seeds),
-                               "residual_loss_weight": residual_weight, "downscale": downscale}
+    figures: dict[str, Any] = {"bench": "ablation", "steps": steps, "batch": batch, "seeds": len(seeds),
+                               "residual_loss_weight": residual_weight, "downscale": downscale,
+                               "overrides": list(overrides)}
     for v, rs in by.items():
         cols = [[r[k] for r in rs] for k in ("val_loss", "psnr_last", "displacement_ratio")]
         print(f"{PAPER_NAMES[v]:<20} {_spread(cols[0]):>22} {_spread(cols[1]):>22} {_spread(cols[2]):>22}")
@@ -180,7 +183,10 @@ def main(steps: int = 300, seeds: tuple[int, ...] = (0, 1, 2), variants: tuple[s
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run (batch 32)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    ap.add_argument("--batch", type=int, default=32, help="samples per step")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides of every run, e.g. train.lr_unet=4e-3")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--residual-loss-weight", type=float, default=0.0,
@@ -189,4 +195,5 @@ if __name__ == "__main__":
     ap.add_argument("--downscale", type=int, default=8, choices=[2, 4, 8],
                     help="lossless codec factor: 8 is the demo's (latents 192x4x4), 4 gives 48x8x8")
     a = ap.parse_args()
-    main(a.steps, tuple(a.seeds), tuple(a.variants), a.residual_loss_weight, a.jobs, a.downscale)
+    main(a.steps, tuple(a.seeds), tuple(a.variants), a.residual_loss_weight, a.jobs, a.downscale, a.batch,
+         tuple(a.set))
