@@ -8,7 +8,8 @@ timesteps and noise, the scheduler's update rule) lives outside, in `trip.diffus
 
 A saved model directory holds `config.json` (model + diffusion sections) and
 `model.safetensors`, written with `save_pretrained` and read by `from_pretrained`, from a
-local path or any fsspec URL.
+local path or any fsspec URL. `from_pretrained` also reads the diffusers layout that `trip
+export` writes by default (`trip.model.diffusers_layout`).
 """
 
 from __future__ import annotations
@@ -60,13 +61,19 @@ def set_temporal_conv_dropout(module: nn.Module, p: float) -> None:
 
 
 class TRIPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, *,
+                 unet: ResidualUNet3D | None = None, fusion: nn.Module | None = None) -> None:
+        """A freshly initialised model, or one assembled from given parts (shared, not copied:
+        `TRIPPipeline` assembles its components this way)."""
         super().__init__()
         self.cfg = cfg
         self.diffusion_cfg = diffusion or DiffusionConfig()
-        self.unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
-        set_temporal_conv_dropout(self.unet, cfg.temporal_conv_dropout)
-        self.fusion = build_fusion(cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
+        if unet is None:
+            unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
+            set_temporal_conv_dropout(unet, cfg.temporal_conv_dropout)
+        self.unet = unet
+        self.fusion = fusion if fusion is not None else build_fusion(
+            cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
         self.register_buffer("alphas_cumprod", alphas_cumprod_for(self.diffusion_cfg), persistent=False)
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         if cfg.pretrained_unet:
@@ -168,15 +175,22 @@ class TRIPModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> TRIPModel:
-        """Load a directory written by `save_pretrained` (local or fsspec URL)."""
+        """Load a directory written by `save_pretrained` or `trip export` in either format
+        (local or fsspec URL)."""
         from safetensors.torch import load_file
 
+        from trip.model import diffusers_layout as layout
         from trip.storage import local_copy
 
         try:
             local = local_copy(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
+        if layout.is_diffusers_dir(local):
+            model_cfg, diff_cfg = layout.read_configs(local)
+            model = cls(model_cfg, diff_cfg)
+            model.load_state_dict(layout.read_state(local, str(map_location)), strict=True)
+            return model
         cfg_path = os.path.join(local, CONFIG_NAME)
         weights = os.path.join(local, WEIGHTS_NAME)
         for needed in (cfg_path, weights):
