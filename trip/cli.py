@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["diffusers", "trip"], default="diffusers",
                    help="diffusers: a TRIPPipeline directory (model_index.json, unet/, fusion/, scheduler/, vae/, "
                         "model card); trip: config.json + model.safetensors")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA runs: write the base model with the adapters merged in, instead of the adapters "
+                        "alone (diffusers' pytorch_lora_weights.safetensors for TRIPPipeline.load_lora_weights)")
     p.set_defaults(func=_dispatch("trip.train.export:cli"))
 
     p = sub.add_parser("eval", help="F-Consistency, FVD and FID of generated videos")

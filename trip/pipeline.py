@@ -186,6 +186,66 @@ class TRIPPipeline(DiffusionPipeline):
             raise ValueError(f"prompt_embeds: expected [{batch}, L, {width}], got {tuple(prompt_embeds.shape)}")
         return prompt_embeds.to(device, dtype)
 
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor],
+                          adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Add LoRA adapters from diffusers' LoRA format (a directory holding
+        `pytorch_lora_weights.safetensors`, that file, or its state dict) to `unet` / `fusion`.
+
+        `kwargs` go to diffusers' reader (`weight_name=...`). Each component's peft `LoraConfig`
+        comes from the file's metadata (what `trip export` writes); without it the rank is read
+        off the tensors and alpha = rank. Adapters of one name add up with those of other names."""
+        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, str) and not os.path.exists(source):
+            raise FileNotFoundError(f"LoRA weights not found: {source}")
+        state, _, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(source, return_lora_metadata=True,
+                                                                            **kwargs)
+        metadata = metadata or {}
+        unknown = sorted({k.split(".", 1)[0] for k in state} - set(LORA_COMPONENTS))
+        if unknown or not state:
+            raise ValueError(f"{source}: not TRIP LoRA weights (keys must start with one of {LORA_COMPONENTS}; "
+                             f"found {unknown or 'no tensors'})")
+        name = adapter_name or f"default_{len(self.lora_adapters())}"
+        for comp in LORA_COMPONENTS:
+            sd = {k[len(comp) + 1:]: v for k, v in state.items() if k.startswith(f"{comp}.")}
+            if not sd:
+                continue
+            meta = {k[len(comp) + 1:]: v for k, v in metadata.items() if k.startswith(f"{comp}.")}
+            if not meta:
+                rank = next(v.shape[1] for k, v in sd.items() if ".lora_B." in k)
+                modules = sorted({k.split(".lora_")[0] for k in sd})
+                meta = {"r": rank, "lora_alpha": rank, "target_modules": modules}
+            module = getattr(self, comp)
+            inject_adapter_in_model(LoraConfig(**meta), module, adapter_name=name)
+            result = set_peft_model_state_dict(module, sd, adapter_name=name)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise ValueError(f"{source}: {len(unexpected)} {comp} LoRA tensors match no layer, "
+                                 f"e.g. {unexpected[:3]}")
+            module.to(self.unet.device)
+
+    def lora_adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded into any component."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        names: set[str] = set()
+        for comp in LORA_COMPONENTS:
+            for m in getattr(self, comp).modules():
+                if isinstance(m, BaseTunerLayer):
+                    names.update(m.lora_A.keys())
+        return sorted(names)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter: the components are their base models again."""
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        for comp in LORA_COMPONENTS:
+            recurse_remove_peft_layers(getattr(self, comp))
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()

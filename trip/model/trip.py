@@ -78,6 +78,8 @@ class TRIPModel(nn.Module):
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         if cfg.pretrained_unet:
             self.load_pretrained_unet(cfg.pretrained_unet)
+        if cfg.pretrained_model:
+            self.load_pretrained_model(cfg.pretrained_model)
 
     # ------------------------------------------------------------------ construction
 
@@ -169,7 +171,7 @@ class TRIPModel(nn.Module):
     def write_config(self, local_dir: str, extra: dict | None = None) -> None:
         """config.json of `save_pretrained`, for writers that produce model.safetensors themselves."""
         cfg = {**(extra or {}), **self.config_dict()}
-        cfg["model"] = dict(cfg["model"], pretrained_unet=None)  # weights are in this dir now
+        cfg["model"] = dict(cfg["model"], pretrained_unet=None, pretrained_model=None)  # weights are in this dir now
         with open(os.path.join(local_dir, CONFIG_NAME), "w") as fh:
             json.dump(cfg, fh, indent=2)
 
@@ -177,32 +179,47 @@ class TRIPModel(nn.Module):
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> TRIPModel:
         """Load a directory written by `save_pretrained` or `trip export` in either format
         (local or fsspec URL)."""
-        from safetensors.torch import load_file
-
-        from trip.model import diffusers_layout as layout
-        from trip.storage import local_copy
-
-        try:
-            local = local_copy(path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
-        if layout.is_diffusers_dir(local):
-            model_cfg, diff_cfg = layout.read_configs(local)
-            model = cls(model_cfg, diff_cfg)
-            model.load_state_dict(layout.read_state(local, str(map_location)), strict=True)
-            return model
-        cfg_path = os.path.join(local, CONFIG_NAME)
-        weights = os.path.join(local, WEIGHTS_NAME)
-        for needed in (cfg_path, weights):
-            if not os.path.isfile(needed):
-                raise FileNotFoundError(f"{path}: missing {os.path.basename(needed)} (is this a TRIP model dir?)")
-        with open(cfg_path) as fh:
-            raw = json.load(fh)
-        if raw.get("format") != "trip/1":
-            raise ConfigError(f"{cfg_path}: not a TRIP model config (format {raw.get('format')!r})")
-        model_cfg = config_from_dict(raw["model"], cfg_path + ":model", ModelConfig)
-        diff_cfg = config_from_dict(raw["diffusion"], cfg_path + ":diffusion", DiffusionConfig)
+        model_cfg, diff_cfg, state = read_exported(path, str(map_location))
         model = cls(model_cfg, diff_cfg)
-        model.load_state_dict(load_file(weights, device=str(map_location)), strict=True)
+        model.load_state_dict(state, strict=True)
         return model
 
+    def load_pretrained_model(self, path: str) -> None:
+        """Initialise the UNet and fusion from an exported TRIP model (either format), whose
+        shape must be this model's."""
+        theirs, _, state = read_exported(path)
+        arch = ("num_frames", "latent_channels", "latent_size", "image_conditioning", "unet", "fusion")
+        diff = [k for k in arch if getattr(theirs, k) != getattr(self.cfg, k)]
+        if diff:
+            raise ValueError(f"pretrained model {path} does not match the model section: "
+                             + "; ".join(f"{k}: theirs {to_dict(getattr(theirs, k))}, ours {to_dict(getattr(self.cfg, k))}"
+                                         for k in diff))
+        self.load_state_dict(state, strict=True)
+
+
+def read_exported(path: str, device: str = "cpu") -> tuple[ModelConfig, DiffusionConfig, dict[str, torch.Tensor]]:
+    """(model config, diffusion config, state dict) of a `trip export` directory of either format."""
+    from safetensors.torch import load_file
+
+    from trip.model import diffusers_layout as layout
+    from trip.storage import local_copy
+
+    try:
+        local = local_copy(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
+    if layout.is_diffusers_dir(local):
+        model_cfg, diff_cfg = layout.read_configs(local)
+        return model_cfg, diff_cfg, layout.read_state(local, device)
+    cfg_path = os.path.join(local, CONFIG_NAME)
+    weights = os.path.join(local, WEIGHTS_NAME)
+    for needed in (cfg_path, weights):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f"{path}: missing {os.path.basename(needed)} (is this a TRIP model dir?)")
+    with open(cfg_path) as fh:
+        raw = json.load(fh)
+    if raw.get("format") != "trip/1":
+        raise ConfigError(f"{cfg_path}: not a TRIP model config (format {raw.get('format')!r})")
+    model_cfg = config_from_dict(raw["model"], cfg_path + ":model", ModelConfig)
+    diff_cfg = config_from_dict(raw["diffusion"], cfg_path + ":diffusion", DiffusionConfig)
+    return model_cfg, diff_cfg, load_file(weights, device=device)
