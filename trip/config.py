@@ -407,6 +407,11 @@ class Config:
     def hash(self) -> str:
         """Stable hash of the parts that change what is trained (not run/scaling/metrics)."""
         d = self.to_dict()
+        # fields added later leave the hash of configs that do not use them as it was
+        if d["model"]["pretrained_model"] is None:
+            del d["model"]["pretrained_model"]
+        if not self.train.lora.enabled:
+            del d["train"]["lora"]
         keep = {k: d[k] for k in ("model", "diffusion", "codec", "train")}
         keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "prefetch_factor", "pin_memory")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -243,3 +243,23 @@ def test_dataset_shape_mismatch_is_named(tmp_path):
     cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match=r"latent_shape \[8, 12, 4, 4\]"):
         validate(cfg)
+
+
+def test_a_missing_base_model_is_named_before_any_worker_starts(tmp_path):
+    from pipelines.train import validate
+    from trip.data.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(str(tmp_path / "data"), [16], latent_shape=(8, 192, 4, 4), text_shape=None)
+    cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                             f"model.pretrained_model={tmp_path / 'no-base'}", "train.lora.rank=4"])
+    with pytest.raises(ConfigError, match=r"model.pretrained_model: .*no-base does not exist"):
+        validate(cfg)
+
+
+def test_configs_without_the_new_fields_keep_their_hash():
+    """The hash names a checkpoint's config: a resume compares it. LoRA and pretrained_model,
+    added later, leave the hash of configs that do not set them as it was."""
+    plain = load_config(TINY)
+    assert plain.hash() == "4a44985a788d2864"  # the hash before train.lora existed
+    assert load_config(TINY, ["train.lora.rank=4", "model.pretrained_unet=x"]).hash() != \
+        load_config(TINY, ["model.pretrained_unet=x"]).hash()
