@@ -80,6 +80,7 @@ def run_variant(variant: str, seed: int, steps: int, data: dict[str, str], resid
     from trip.diffusion import TRIPObjective
     from trip.eval.quality import clip_quality, summarize
     from trip.model import TRIPModel
+    from trip.pipeline import TRIPPipeline
     from trip.sampling import generate
     from trip.train.ds_config import lr_factor
     from trip.train.validation import ValidationSet, validation_loss
@@ -124,7 +125,7 @@ def run_variant(variant: str, seed: int, steps: int, data: dict[str, str], resid
     val = ValidationSet(lat, lat[:, :, 0].clone(), None, [str(i) for i in range(lat.shape[0])], {})
     codec = LosslessCodec(downscale)
     images = torch.stack([codec.decode(lat[i, :, :1].permute(1, 0, 2, 3))[0] for i in range(lat.shape[0])])
-    videos = generate(ema, codec, images, cfg=cfg.sample)
+    videos = generate(TRIPPipeline.from_trip_model(ema, codec), images, cfg.sample)
     per = {str(i): clip_quality(to_uint8(v), held["frames"][i].numpy()) for i, v in enumerate(videos)}
     s = summarize(per)
     return {"variant": variant, "seed": seed, "steps": steps, "val_loss": validation_loss(ema, val),

@@ -106,10 +106,10 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="pt")
-        out = self.model(input_ids=tokens.input_ids.to(self.device))
-        return out.last_hidden_state.float().cpu().numpy().astype(np.float16)
+        from trip.pipeline import encode_prompts  # the one encoding, shared with sampling
+
+        states = encode_prompts(self.tokenizer, self.model, captions, self.max_length, self.device)
+        return states.float().cpu().numpy().astype(np.float16)
 
 
 class ClipEncoder:

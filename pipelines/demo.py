@@ -118,14 +118,14 @@ def sample_holdout(model_dir: str, holdout: Path, out: Path, sample_cfg) -> tupl
     import torch
     from PIL import Image
 
-    from trip.sampling import generate, load_model_and_codec, prepare_image
+    from trip.sampling import generate, load_pipeline, prepare_image
     from trip.video import read_frames, to_uint8, write_gif, write_mp4
 
-    model, codec, _ = load_model_and_codec(model_dir)
-    size = model.cfg.latent_size * codec.downscale
+    pipe, _ = load_pipeline(model_dir)
+    size = pipe.image_size
     images = sorted(holdout.glob("*.png"))
     batch = torch.stack([prepare_image(read_frames(str(p), 1)[0], size) for p in images])
-    videos = generate(model, codec, batch, cfg=sample_cfg, progress=True)
+    videos = generate(pipe, batch, sample_cfg, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     written, strips, frames = [], [], {}
     for path, video in zip(images, videos):

@@ -76,6 +76,10 @@ def validate(cfg: Config) -> None:
     if index["num_samples"] < cfg.train.global_batch_size:
         raise ConfigError(f"data.dataset has {index['num_samples']} samples: fewer than one step's "
                           f"train.global_batch_size = {cfg.train.global_batch_size}")
+    for key in ("pretrained_model", "pretrained_unet"):
+        path = getattr(m, key)
+        if path and not storage.exists(path):
+            raise ConfigError(f"model.{key}: {path} does not exist")
     _check_storage(cfg.run.storage_path)
 
 

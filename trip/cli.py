@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_config_cmd)
 
     p = sub.add_parser("sample", help="image (+ caption) -> video with a trained TRIP model")
-    p.add_argument("--model", required=True, help="TRIP model directory (trip export output; local or URL)")
+    p.add_argument("--model", required=True, help="TRIP model directory (trip export output, either format; "
+                                                   "local or URL)")
     p.add_argument("--image", required=True, action="append",
                    help="first-frame image (png/jpg) or a video whose first frame is used (repeatable)")
     p.add_argument("--out", default="outputs/samples", help="output directory for MP4 and GIF files")
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same video)")
     p.add_argument("--fps", type=int, default=None, help="frame rate of the written files")
+    p.add_argument("--prompt", default=None, help="caption (models trained with a text encoder only)")
+    p.add_argument("--png", action="store_true", help="also write every frame side by side as a lossless PNG")
     p.set_defaults(func=_dispatch("trip.sampling:cli"))
 
     p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray Data job)")
@@ -96,10 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=_dispatch("pipelines.train:cli"))
 
-    p = sub.add_parser("export", help="checkpoint -> diffusers-format TRIP model directory")
+    p = sub.add_parser("export", help="checkpoint -> TRIP model directory (diffusers pipeline layout)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or URL)")
     p.add_argument("--out", required=True, help="output model directory (local or URL)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--format", choices=["diffusers", "trip"], default="diffusers",
+                   help="diffusers: a TRIPPipeline directory (model_index.json, unet/, fusion/, scheduler/, vae/, "
+                        "model card); trip: config.json + model.safetensors")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA runs: write the base model with the adapters merged in, instead of the adapters "
+                        "alone (diffusers' pytorch_lora_weights.safetensors for TRIPPipeline.load_lora_weights)")
     p.set_defaults(func=_dispatch("trip.train.export:cli"))
 
     p = sub.add_parser("eval", help="PSNR, SSIM, motion, F-Consistency, FVD and FID of generated videos")

@@ -6,7 +6,8 @@ Two implementations:
   comes from the VAE's own config, never from a literal.
 - `LosslessCodec`: parameter-free pixel-unshuffle (space-to-depth). Exactly invertible,
   instant on a CPU, and it keeps motion visible at low resolution, which is what CPU demos
-  and tests need to show that a model learned something.
+  and tests need to show that a model learned something. It is a config-only diffusers
+  model, so an exported pipeline holds it in its `vae/` folder like a real VAE.
 
 Frames are float tensors [N, 3, H, W] in [0, 1]; latents are [N, C, h, w], already
 multiplied by the scaling factor (the shard contract).
@@ -19,8 +20,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers import ModelMixin  # noqa: F401 -- named here: diffusers' loader looks it up in this module
+from diffusers.configuration_utils import register_to_config
 
 from trip.config import CodecConfig
+from trip.model.config_only import ConfigOnlyModel
 
 
 class LatentCodec(Protocol):
@@ -42,12 +46,14 @@ def _check_frames(frames: torch.Tensor, downscale: int) -> None:
         )
 
 
-class LosslessCodec:
+class LosslessCodec(ConfigOnlyModel):
     """Pixel-unshuffle by `downscale`: [N,3,H,W] in [0,1] -> [N, 3r^2, H/r, W/r] in [-1,1]."""
 
     scaling_factor = 1.0
 
+    @register_to_config
     def __init__(self, downscale: int = 2) -> None:
+        super().__init__()
         if downscale < 1:
             raise ValueError(f"downscale must be >= 1, got {downscale}")
         self.downscale = downscale
@@ -75,19 +81,22 @@ class VAECodec:
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: str = "float32") -> None:
         from diffusers import AutoencoderKL
 
-        from trip.storage import local_copy
+        local = vae_dir(path)
+        vae = AutoencoderKL.from_pretrained(local, torch_dtype=_DTYPES[dtype]).to(torch.device(device))
+        self._adopt(vae, path)
 
-        local = local_copy(path)
-        sub = os.path.join(local, "vae")
-        if os.path.isfile(os.path.join(sub, "config.json")):
-            local = sub
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise FileNotFoundError(f"no AutoencoderKL config.json in {path} (nor in {path}/vae)")
-        self.source = path
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
-        self.vae = AutoencoderKL.from_pretrained(local, torch_dtype=self.dtype).to(self.device).eval()
+    @classmethod
+    def of(cls, vae: torch.nn.Module, source: str = "<in memory>") -> VAECodec:
+        """The codec of an already loaded `AutoencoderKL` (a pipeline's `vae`); shares it."""
+        codec = cls.__new__(cls)
+        codec._adopt(vae, source)
+        return codec
+
+    def _adopt(self, vae: torch.nn.Module, source: str) -> None:
+        self.source = source
+        self.vae = vae.eval()
         self.vae.requires_grad_(False)
+        self.device, self.dtype = vae.device, vae.dtype
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.channels = int(cfg.latent_channels)
@@ -96,7 +105,7 @@ class VAECodec:
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         _check_frames(frames, self.downscale)
-        x = (frames.to(self.device, self.dtype) * 2.0 - 1.0)
+        x = (frames.to(self.vae.device, self.vae.dtype) * 2.0 - 1.0)
         posterior = self.vae.encode(x).latent_dist
         return (posterior.mean * self.scaling_factor).float()
 
@@ -104,12 +113,25 @@ class VAECodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.ndim != 4 or latents.shape[1] != self.channels:
             raise ValueError(f"latents must be [N, {self.channels}, h, w], got {tuple(latents.shape)}")
-        x = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        x = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor).sample
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def identity(self) -> dict:
         return {"kind": "vae", "source": self.source, "scaling_factor": self.scaling_factor,
                 "latent_channels": self.channels, "downscale": self.downscale}
+
+
+def vae_dir(path: str) -> str:
+    """Local directory of the AutoencoderKL under `path/vae/` or `path/` (any fsspec URL)."""
+    from trip.storage import local_copy
+
+    local = local_copy(path)
+    sub = os.path.join(local, "vae")
+    if os.path.isfile(os.path.join(sub, "config.json")):
+        local = sub
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise FileNotFoundError(f"no AutoencoderKL config.json in {path} (nor in {path}/vae)")
+    return local
 
 
 def build_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> LatentCodec:

@@ -99,9 +99,12 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     gradient_checkpointing: bool = False  # recompute each UNet block in backward
     pretrained_unet: str | None = None  # diffusers-format unet/ dir (local or fsspec URL)
+    pretrained_model: str | None = None  # a `trip export` dir (either format): initial UNet and fusion weights
     temporal_conv_dropout: float = 0.1  # dropout in the UNet's temporal convolutions (ModelScope-T2V: 0.1)
 
     def __post_init__(self) -> None:
+        if self.pretrained_unet and self.pretrained_model:
+            raise ValueError("set at most one of model.pretrained_unet and model.pretrained_model")
         if self.num_frames < 2:
             raise ValueError("model.num_frames must be >= 2")
         if not 0.0 <= self.temporal_conv_dropout < 1.0:
@@ -222,6 +225,33 @@ class ZeroConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA fine-tuning (peft): low-rank adapters are trained on a frozen base model, which
+    comes from model.pretrained_model or model.pretrained_unet. Checkpoints hold only the
+    adapters and their optimizer state; lr_unet / lr_fusion apply to the adapters."""
+
+    rank: int = 0  # adapter rank r; 0: no LoRA (full fine-tuning)
+    alpha: float = 8.0  # adapter outputs are scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet layers adapted (diffusers names, matched as name suffixes)
+    fusion: bool = False  # also adapt the TNF's attention layers (q, kv, out)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"train.lora.rank must be >= 0, got {self.rank}")
+        if self.rank and self.alpha <= 0:
+            raise ValueError("train.lora.alpha must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("train.lora.dropout must lie in [0, 1)")
+        if self.rank and not self.target_modules:
+            raise ValueError("train.lora.target_modules must name at least one UNet layer")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation and the per-worker loop."""
 
@@ -246,6 +276,7 @@ class TrainConfig:
     validation_samples: int = 32  # held-out samples in the validation loss (fixed noise and timesteps)
     validation_videos: int = 4  # sample videos per validation, from the first held-out samples' first frames
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -366,6 +397,11 @@ class Config:
             raise ValueError("model.unet.cross_attention_dim must be >= 1")
         if self.train.validate_every and not self.data.validation:
             raise ValueError("train.validate_every is set but data.validation is empty: name a held-out shard set")
+        if self.train.lora.enabled and not (m.pretrained_model or m.pretrained_unet):
+            raise ValueError("train.lora adapts a frozen base model: set model.pretrained_model (a `trip export` "
+                             "dir) or model.pretrained_unet")
+        if self.train.lora.fusion and m.fusion.mode != "tnf":
+            raise ValueError(f"train.lora.fusion adapts the TNF, but model.fusion.mode is {m.fusion.mode!r}")
         smallest_share = self.train.global_batch_size // max(self.scaling.world_sizes)
         if smallest_share < 1:
             raise ValueError(
@@ -389,6 +425,11 @@ class Config:
     def hash(self) -> str:
         """Stable hash of the parts that change what is trained (not run/scaling/metrics)."""
         d = self.to_dict()
+        # fields added later leave the hash of configs that do not use them as it was
+        if d["model"]["pretrained_model"] is None:
+            del d["model"]["pretrained_model"]
+        if not self.train.lora.enabled:
+            del d["train"]["lora"]
         keep = {k: d[k] for k in ("model", "diffusion", "codec", "train")}
         keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "prefetch_factor", "pin_memory")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Writing and reading short clips: MP4 through PyAV, GIF through Pillow.
+"""Writing and reading short clips: MP4 through PyAV, GIF and PNG through Pillow.
 
 Frames are float tensors [F, 3, H, W] in [0, 1] everywhere in the library; conversion to
 uint8 happens only here, at the file boundary. Files are written under a temporary name
@@ -59,6 +59,15 @@ def write_gif(frames: torch.Tensor, path: str, fps: int = 4, scale: int = 1) -> 
     tmp = _tmp_path(path)
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                    duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def write_png_strip(frames: torch.Tensor, path: str) -> str:
+    """Every frame side by side in one PNG: lossless, unlike MP4 and GIF."""
+    strip = np.concatenate(list(to_uint8(frames)), axis=1)
+    tmp = _tmp_path(path)
+    Image.fromarray(strip).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
 

@@ -18,6 +18,23 @@ import time
 from trip.train.callbacks import RecordSteps, StepInfo, TrainCallback, WorkerInfo
 
 
+class SaveParameters(TrainCallback):
+    """At the end of a run, writes each rank's view of every parameter (its ZeRO-3 partition)
+    to `directory/params-rank<r>-of-<W>.safetensors`, for tests that check what training changed."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = str(directory)
+
+    def on_end(self, worker: WorkerInfo, parameters: list) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"params-rank{worker.rank}-of-{worker.world_size}.safetensors")
+        save_file({n: t.detach().cpu().contiguous().clone() for n, t in parameters}, path)
+
+
 class SlowSteps(TrainCallback):
     """Sleeps after every step, so that a test can kill or resize while a tiny run goes on."""
 

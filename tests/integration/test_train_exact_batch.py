@@ -120,7 +120,7 @@ def test_export_of_a_sharded_checkpoint_is_the_consolidated_weights_bit_for_bit(
     tmp, outs = two_and_three
     for world, out in outs.items():
         run = RunDir(str(tmp / "runs"), f"w{world}")
-        export_checkpoint(run.url, str(tmp_path / f"raw{world}"), use_ema=False)
+        export_checkpoint(run.url, str(tmp_path / f"raw{world}"), use_ema=False, format="trip")
         exported = load_file(str(tmp_path / f"raw{world}" / "model.safetensors"))
         live = _consolidate_live(out, world)
         assert exported.keys() == live.keys()
@@ -136,7 +136,7 @@ def test_export_of_a_sharded_checkpoint_is_the_consolidated_weights_bit_for_bit(
         for name, t in live.items():
             assert torch.equal(ds[f"model.{name}"].float(), t), f"W={world}: {name} differs from zero_to_fp32"
         # the EMA export is a different, equally complete model
-        export_checkpoint(run.url, str(tmp_path / f"ema{world}"))
+        export_checkpoint(run.url, str(tmp_path / f"ema{world}"), format="trip")
         ema = load_file(str(tmp_path / f"ema{world}" / "model.safetensors"))
         assert ema.keys() == exported.keys()
         cfg = json.loads((tmp_path / f"ema{world}" / "config.json").read_text())

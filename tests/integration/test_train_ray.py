@@ -193,7 +193,7 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     summary = json.loads(fs.cat(f"{bucket}/out/straight/summary.json"))
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
 
-    # `trip export` of the S3 checkpoint gives a model directory that `trip sample` loads
+    # `trip export` of the S3 checkpoint gives a model directory that `trip sample` and diffusers load
     from trip.cli import main as trip_main
     from trip.model import TRIPModel
 
@@ -201,4 +201,5 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
     assert trip_main(["export", "--checkpoint", resumed.checkpoint, "--out", str(out)]) == 0
     model = TRIPModel.from_pretrained(str(out))
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert json.loads((out / "config.json").read_text())["codec"]["kind"] == "lossless"
+    assert json.loads((out / "trip.json").read_text())["config"]["codec"]["kind"] == "lossless"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # the diffusers layout by default

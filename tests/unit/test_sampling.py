@@ -1,4 +1,4 @@
-"""Sampling: shapes, range, determinism, and files that decode back."""
+"""Sampling through the pipeline: shapes, range, determinism, and files that decode back."""
 
 import av
 import torch
@@ -6,6 +6,7 @@ import torch
 from trip.codec import LosslessCodec
 from trip.config import SampleConfig
 from trip.model import TRIPModel
+from trip.pipeline import TRIPPipeline
 from trip.sampling import generate, prepare_image
 from trip.video import read_frames, write_gif, write_mp4
 
@@ -19,13 +20,17 @@ def _model_and_codec(tiny_model_config):
     return model, LosslessCodec(2)
 
 
+def _pipe(tiny_model_config):
+    return TRIPPipeline.from_trip_model(*_model_and_codec(tiny_model_config))
+
+
 def test_generate_returns_frames_in_unit_range_and_is_seed_deterministic(tiny_model_config):
-    model, codec = _model_and_codec(tiny_model_config)
+    pipe = _pipe(tiny_model_config)
     images = torch.rand(2, 3, 16, 16)
     cfg = SampleConfig(steps=4, seed=3)
-    a = generate(model, codec, images, cfg=cfg)
-    b = generate(model, codec, images, cfg=cfg)
-    c = generate(model, codec, images, cfg=SampleConfig(steps=4, seed=4))
+    a = generate(pipe, images, cfg)
+    b = generate(pipe, images, cfg)
+    c = generate(pipe, images, SampleConfig(steps=4, seed=4))
     assert a.shape == (2, 4, 3, 16, 16)
     assert a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)
@@ -33,16 +38,19 @@ def test_generate_returns_frames_in_unit_range_and_is_seed_deterministic(tiny_mo
 
 
 def test_classifier_free_guidance_with_text_runs_and_differs_from_unguided(tiny_model_config):
-    model, codec = _model_and_codec(tiny_model_config)
+    pipe = _pipe(tiny_model_config)
     images, text = torch.rand(1, 3, 16, 16), torch.randn(1, 2, 16)
-    plain = generate(model, codec, images, text, cfg=SampleConfig(steps=3, guidance_scale=1.0))
-    guided = generate(model, codec, images, text, cfg=SampleConfig(steps=3, guidance_scale=5.0))
+
+    def run(scale):
+        return pipe(image=images, prompt_embeds=text, num_inference_steps=3, guidance_scale=scale,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    plain, guided = run(1.0), run(5.0)
     assert plain.shape == guided.shape and not torch.equal(plain, guided)
 
 
 def test_mp4_and_gif_decode_back_with_the_right_frame_count(tmp_path, tiny_model_config):
-    model, codec = _model_and_codec(tiny_model_config)
-    video = generate(model, codec, torch.rand(1, 3, 16, 16), cfg=SampleConfig(steps=2))[0]
+    video = generate(_pipe(tiny_model_config), torch.rand(1, 3, 16, 16), SampleConfig(steps=2))[0]
     mp4 = write_mp4(video, str(tmp_path / "v.mp4"), fps=4)
     gif = write_gif(video, str(tmp_path / "v.gif"), fps=4, scale=2)
     with av.open(mp4) as container:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
+from tests.unit.checkpoints import fake_checkpoint
 from trip.config import ConfigError, load_config
 from trip.train import checkpoint as ckpt
 
@@ -51,42 +52,7 @@ def test_lr_warmup_then_cosine_to_min_ratio():
 
 
 def _fake_checkpoint(run_root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
-    """A committed checkpoint as `world` ZeRO-3 ranks write it: DeepSpeed files (dummy bytes),
-    per-rank weight and EMA partitions of the tiny model (EMA = weights + 1), the record."""
-    import math
-
-    from trip.model import TRIPModel
-    from trip.train import partitions
-
-    cfg = load_config(TINY)
-    torch.manual_seed(step)
-    state = TRIPModel(cfg.model, cfg.diffusion).state_dict()
-    run = ckpt.RunDir(str(run_root.parent), run_root.name)
-    root = Path(storage_local(run.checkpoint_url(step)))
-    files = {}
-    for r in range(world):
-        for kind in ("model", "optim"):
-            rel = f"{ckpt.DS_TAG}/zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(b"x" * (r + 1))
-            files[rel] = r + 1
-        for kind, shift in (("weights", 0.0), ("ema", 1.0)):
-            entries = []
-            for name, t in state.items():
-                s = math.ceil(t.numel() / world)
-                flat = torch.zeros(s * world)
-                flat[: t.numel()] = t.flatten() + shift
-                entries.append((name, flat[r * s:(r + 1) * s].clone(), t.numel(), tuple(t.shape), True))
-            rel = ckpt.partition_file(kind, r, world)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            partitions.write_partitions(str(root / rel), entries, rank=r, world_size=world, kind=kind)
-            files[rel] = (root / rel).stat().st_size
-    ckpt.write_json(str(root / ckpt.RECORD), {
-        "format": ckpt.FORMAT, "step": step, "world_size": world, "config": cfg.to_dict(),
-        "config_hash": cfg.hash(), "loader": None, "files": files})
-    if not complete:  # rank 1's upload never arrived
-        (root / f"{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    return root
+    return fake_checkpoint(run_root, step, world, complete)
 
 
 def storage_local(url: str) -> str:
@@ -215,11 +181,12 @@ def test_export_ema_or_raw_weights_to_a_sampleable_model(tmp_path):
     _fake_checkpoint(run_root, step=4, complete=False)
     used = export_checkpoint(str(run_root), str(tmp_path / "ema"))  # the run dir: newest complete one
     assert used.endswith("step-000000002")
-    export_checkpoint(used, str(tmp_path / "raw"), use_ema=False)
+    export_checkpoint(used, str(tmp_path / "raw"), use_ema=False, format="trip")
     ema, raw = TRIPModel.from_pretrained(str(tmp_path / "ema")), TRIPModel.from_pretrained(str(tmp_path / "raw"))
     name, p = next(iter(raw.state_dict().items()))
     assert torch.allclose(ema.state_dict()[name], p + 1)
-    assert json.loads((tmp_path / "ema" / "config.json").read_text())["codec"]["kind"] == "lossless"
+    assert json.loads((tmp_path / "ema" / "trip.json").read_text())["config"]["codec"]["kind"] == "lossless"
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["codec"]["kind"] == "lossless"
     with pytest.raises(ValueError, match="incomplete"):
         export_checkpoint(str(run_root / "checkpoints" / "step-000000004"), str(tmp_path / "bad"))
 
@@ -276,3 +243,23 @@ def test_dataset_shape_mismatch_is_named(tmp_path):
     cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match=r"latent_shape \[8, 12, 4, 4\]"):
         validate(cfg)
+
+
+def test_a_missing_base_model_is_named_before_any_worker_starts(tmp_path):
+    from pipelines.train import validate
+    from trip.data.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(str(tmp_path / "data"), [16], latent_shape=(8, 192, 4, 4), text_shape=None)
+    cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                             f"model.pretrained_model={tmp_path / 'no-base'}", "train.lora.rank=4"])
+    with pytest.raises(ConfigError, match=r"model.pretrained_model: .*no-base does not exist"):
+        validate(cfg)
+
+
+def test_configs_without_the_new_fields_keep_their_hash():
+    """The hash names a checkpoint's config: a resume compares it. LoRA and pretrained_model,
+    added later, leave the hash of configs that do not set them as it was."""
+    plain = load_config(TINY)
+    assert plain.hash() == "4a44985a788d2864"  # the hash before train.lora existed
+    assert load_config(TINY, ["train.lora.rank=4", "model.pretrained_unet=x"]).hash() != \
+        load_config(TINY, ["model.pretrained_unet=x"]).hash()

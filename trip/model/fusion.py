@@ -31,6 +31,13 @@ Our choices, each a `FusionConfig` field:
 
 Also `LinearFusion` (TRIP^W ablation: lambda falling linearly over frames) and `NoFusion`
 (TRIP^-: the UNet predicts the noise directly).
+
+Each of the three is a diffusers `ModelMixin` + `ConfigMixin` with a flat, JSON-serialisable
+constructor: an exported model keeps its fusion in a `fusion/` folder (config.json + weights)
+that `TRIPPipeline` loads like any diffusers model. Every one records the clip shape it was
+built for (`latent_channels`, `num_frames`, `latent_size`), so a model's shape can be read
+back from its `unet/` and `fusion/` configs alone. These config keys are serialised: they
+are forever.
 """
 
 from __future__ import annotations
@@ -41,7 +48,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ModelMixin is named here because diffusers' pipeline loader looks it up in this module
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
 from trip.config import FusionConfig
+from trip.model.config_only import ConfigOnlyModel
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -97,19 +109,26 @@ class TNFBlock(nn.Module):
         return x + g3 * self.mlp(h)
 
 
-class TemporalNoiseFusion(nn.Module):
+class TemporalNoiseFusion(ModelMixin, ConfigMixin):
     """TNF over [B, C, F, H, W] noise tensors."""
 
-    def __init__(self, cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> None:
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int, patch_size: int = 2,
+                 dim: int = 64, depth: int = 1, heads: int = 4, timestep_dim: int = 64,
+                 linear_start: float = 1.0, linear_end: float = 0.0) -> None:
         super().__init__()
+        cfg = FusionConfig(mode="tnf", patch_size=patch_size, dim=dim, depth=depth, heads=heads,
+                           timestep_dim=timestep_dim, linear_start=linear_start, linear_end=linear_end)
         p = cfg.patch_size
         if latent_size % p:
             raise ValueError(f"latent_size {latent_size} must be divisible by fusion.patch_size {p}")
         self.cfg = cfg
-        self.channels = channels
+        self.channels = latent_channels
         self.num_frames = num_frames
         self.grid = latent_size // p
-        patch_dim = channels * p * p
+        patch_dim = latent_channels * p * p
         self.embed_residual = nn.Linear(patch_dim, cfg.dim)
         self.embed_kv = nn.Linear(patch_dim, cfg.dim)
         self.kv_norm = nn.LayerNorm(cfg.dim)
@@ -176,12 +195,14 @@ class TemporalNoiseFusion(nn.Module):
         return fused.to(residual.dtype)
 
 
-class LinearFusion(nn.Module):
+class LinearFusion(ConfigOnlyModel):
     """TRIP^W: eps_hat^i = lambda^i eps_ref^i + (1 - lambda^i) delta^i, lambda linear in i."""
 
-    def __init__(self, cfg: FusionConfig) -> None:
+    @register_to_config
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int,
+                 linear_start: float = 1.0, linear_end: float = 0.0) -> None:
         super().__init__()
-        self.start, self.end = cfg.linear_start, cfg.linear_end
+        self.start, self.end = linear_start, linear_end
 
     def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         f = residual.shape[2]
@@ -190,16 +211,46 @@ class LinearFusion(nn.Module):
         return (lam * reference.float() + (1 - lam) * residual.float()).to(residual.dtype)
 
 
-class NoFusion(nn.Module):
+class NoFusion(ConfigOnlyModel):
     """TRIP^-: no shortcut path, the UNet output is the noise prediction."""
+
+    @register_to_config
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int) -> None:
+        super().__init__()
 
     def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return residual
 
 
-def build_fusion(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> nn.Module:
+FUSION_CLASSES: dict[str, type[nn.Module]] = {"tnf": TemporalNoiseFusion, "linear": LinearFusion, "none": NoFusion}
+
+
+def fusion_kwargs(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> dict:
+    """FusionConfig + clip shape -> the constructor arguments (= the saved config) of its class."""
+    shape = {"latent_channels": channels, "num_frames": num_frames, "latent_size": latent_size}
     if cfg.mode == "tnf":
-        return TemporalNoiseFusion(cfg, channels, num_frames, latent_size)
+        return {**shape, "patch_size": cfg.patch_size, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads,
+                "timestep_dim": cfg.timestep_dim, "linear_start": cfg.linear_start, "linear_end": cfg.linear_end}
     if cfg.mode == "linear":
-        return LinearFusion(cfg)
-    return NoFusion()
+        return {**shape, "linear_start": cfg.linear_start, "linear_end": cfg.linear_end}
+    return shape
+
+
+def build_fusion(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> nn.Module:
+    return FUSION_CLASSES[cfg.mode](**fusion_kwargs(cfg, channels, num_frames, latent_size))
+
+
+def fusion_config_from_saved(config: dict, source: str) -> tuple[FusionConfig, int, int, int]:
+    """A saved fusion config.json -> (FusionConfig, latent_channels, num_frames, latent_size)."""
+    modes = {cls.__name__: mode for mode, cls in FUSION_CLASSES.items()}
+    mode = modes.get(config.get("_class_name", ""))
+    if mode is None:
+        raise ValueError(f"{source}: _class_name {config.get('_class_name')!r} is not a TRIP fusion "
+                         f"(one of {sorted(modes)})")
+    try:
+        shape = int(config["latent_channels"]), int(config["num_frames"]), int(config["latent_size"])
+    except KeyError as e:
+        raise ValueError(f"{source}: missing key {e.args[0]!r}") from e
+    fields = {k: config[k] for k in ("patch_size", "dim", "depth", "heads", "timestep_dim", "linear_start",
+                                     "linear_end") if k in config}
+    return FusionConfig(mode=mode, **fields), *shape

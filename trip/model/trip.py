@@ -8,7 +8,8 @@ timesteps and noise, the scheduler's update rule) lives outside, in `trip.diffus
 
 A saved model directory holds `config.json` (model + diffusion sections) and
 `model.safetensors`, written with `save_pretrained` and read by `from_pretrained`, from a
-local path or any fsspec URL.
+local path or any fsspec URL. `from_pretrained` also reads the diffusers layout that `trip
+export` writes by default (`trip.model.diffusers_layout`).
 """
 
 from __future__ import annotations
@@ -60,17 +61,25 @@ def set_temporal_conv_dropout(module: nn.Module, p: float) -> None:
 
 
 class TRIPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, diffusion: DiffusionConfig | None = None, *,
+                 unet: ResidualUNet3D | None = None, fusion: nn.Module | None = None) -> None:
+        """A freshly initialised model, or one assembled from given parts (shared, not copied:
+        `TRIPPipeline` assembles its components this way)."""
         super().__init__()
         self.cfg = cfg
         self.diffusion_cfg = diffusion or DiffusionConfig()
-        self.unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
-        set_temporal_conv_dropout(self.unet, cfg.temporal_conv_dropout)
-        self.fusion = build_fusion(cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
+        if unet is None:
+            unet = ResidualUNet3D(cfg.unet, cfg.latent_channels, cfg.image_conditioning)
+            set_temporal_conv_dropout(unet, cfg.temporal_conv_dropout)
+        self.unet = unet
+        self.fusion = fusion if fusion is not None else build_fusion(
+            cfg.fusion, cfg.latent_channels, cfg.num_frames, cfg.latent_size)
         self.register_buffer("alphas_cumprod", alphas_cumprod_for(self.diffusion_cfg), persistent=False)
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         if cfg.pretrained_unet:
             self.load_pretrained_unet(cfg.pretrained_unet)
+        if cfg.pretrained_model:
+            self.load_pretrained_model(cfg.pretrained_model)
 
     # ------------------------------------------------------------------ construction
 
@@ -162,33 +171,55 @@ class TRIPModel(nn.Module):
     def write_config(self, local_dir: str, extra: dict | None = None) -> None:
         """config.json of `save_pretrained`, for writers that produce model.safetensors themselves."""
         cfg = {**(extra or {}), **self.config_dict()}
-        cfg["model"] = dict(cfg["model"], pretrained_unet=None)  # weights are in this dir now
+        cfg["model"] = dict(cfg["model"], pretrained_unet=None, pretrained_model=None)  # weights are in this dir now
         with open(os.path.join(local_dir, CONFIG_NAME), "w") as fh:
             json.dump(cfg, fh, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> TRIPModel:
-        """Load a directory written by `save_pretrained` (local or fsspec URL)."""
-        from safetensors.torch import load_file
-
-        from trip.storage import local_copy
-
-        try:
-            local = local_copy(path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
-        cfg_path = os.path.join(local, CONFIG_NAME)
-        weights = os.path.join(local, WEIGHTS_NAME)
-        for needed in (cfg_path, weights):
-            if not os.path.isfile(needed):
-                raise FileNotFoundError(f"{path}: missing {os.path.basename(needed)} (is this a TRIP model dir?)")
-        with open(cfg_path) as fh:
-            raw = json.load(fh)
-        if raw.get("format") != "trip/1":
-            raise ConfigError(f"{cfg_path}: not a TRIP model config (format {raw.get('format')!r})")
-        model_cfg = config_from_dict(raw["model"], cfg_path + ":model", ModelConfig)
-        diff_cfg = config_from_dict(raw["diffusion"], cfg_path + ":diffusion", DiffusionConfig)
+        """Load a directory written by `save_pretrained` or `trip export` in either format
+        (local or fsspec URL)."""
+        model_cfg, diff_cfg, state = read_exported(path, str(map_location))
         model = cls(model_cfg, diff_cfg)
-        model.load_state_dict(load_file(weights, device=str(map_location)), strict=True)
+        model.load_state_dict(state, strict=True)
         return model
 
+    def load_pretrained_model(self, path: str) -> None:
+        """Initialise the UNet and fusion from an exported TRIP model (either format), whose
+        shape must be this model's."""
+        theirs, _, state = read_exported(path)
+        arch = ("num_frames", "latent_channels", "latent_size", "image_conditioning", "unet", "fusion")
+        diff = [k for k in arch if getattr(theirs, k) != getattr(self.cfg, k)]
+        if diff:
+            raise ValueError(f"pretrained model {path} does not match the model section: "
+                             + "; ".join(f"{k}: theirs {to_dict(getattr(theirs, k))}, ours {to_dict(getattr(self.cfg, k))}"
+                                         for k in diff))
+        self.load_state_dict(state, strict=True)
+
+
+def read_exported(path: str, device: str = "cpu") -> tuple[ModelConfig, DiffusionConfig, dict[str, torch.Tensor]]:
+    """(model config, diffusion config, state dict) of a `trip export` directory of either format."""
+    from safetensors.torch import load_file
+
+    from trip.model import diffusers_layout as layout
+    from trip.storage import local_copy
+
+    try:
+        local = local_copy(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
+    if layout.is_diffusers_dir(local):
+        model_cfg, diff_cfg = layout.read_configs(local)
+        return model_cfg, diff_cfg, layout.read_state(local, device)
+    cfg_path = os.path.join(local, CONFIG_NAME)
+    weights = os.path.join(local, WEIGHTS_NAME)
+    for needed in (cfg_path, weights):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f"{path}: missing {os.path.basename(needed)} (is this a TRIP model dir?)")
+    with open(cfg_path) as fh:
+        raw = json.load(fh)
+    if raw.get("format") != "trip/1":
+        raise ConfigError(f"{cfg_path}: not a TRIP model config (format {raw.get('format')!r})")
+    model_cfg = config_from_dict(raw["model"], cfg_path + ":model", ModelConfig)
+    diff_cfg = config_from_dict(raw["diffusion"], cfg_path + ":diffusion", DiffusionConfig)
+    return model_cfg, diff_cfg, load_file(weights, device=device)

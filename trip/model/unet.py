@@ -79,7 +79,10 @@ class ResidualUNet3D(nn.Module):
     """3D-UNet over [B, C, F, H, W] latents with the image latent as extra input."""
 
     def __init__(self, cfg: UNetConfig, latent_channels: int,
-                 image_conditioning: Literal["temporal", "channel"] = "temporal") -> None:
+                 image_conditioning: Literal["temporal", "channel"] = "temporal",
+                 reference: nn.Module | None = None) -> None:
+        """`reference`: a diffusers `UNet3DConditionModel` to adopt (its modules are shared, not
+        copied: e.g. a pipeline's `unet`); by default a freshly initialised one."""
         super().__init__()
         from diffusers import UNet3DConditionModel
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -89,7 +92,14 @@ class ResidualUNet3D(nn.Module):
         self.image_conditioning = image_conditioning
         in_channels = latent_channels * (2 if image_conditioning == "channel" else 1)
         self.in_channels = in_channels
-        reference = UNet3DConditionModel(**diffusers_unet_kwargs(cfg, in_channels, latent_channels))
+        kwargs = diffusers_unet_kwargs(cfg, in_channels, latent_channels)
+        if reference is None:
+            reference = UNet3DConditionModel(**kwargs)
+        else:
+            theirs = {k: reference.config[k] for k in kwargs}
+            theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
+            if theirs != kwargs:
+                raise ValueError(f"the UNet to adopt does not match model.unet: theirs {theirs}, ours {kwargs}")
         # Adopt the sub-modules: same names -> same state-dict keys as diffusers.
         self.conv_in = reference.conv_in
         self.time_proj = reference.time_proj

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class TrainCallback:
 
     def on_checkpoint(self, worker: WorkerInfo, step: int, url: str) -> None:
         """Rank 0, once the checkpoint of `step` is committed in storage at `url`."""
+
+    def on_end(self, worker: WorkerInfo, parameters: list[tuple[str, Any]]) -> None:
+        """After the last step and its checkpoint: every model parameter as this rank holds it,
+        (name, tensor): under ZeRO-3 its flat partition (`trip.train.partitions` says which
+        elements), else the whole tensor. Read only; the run is over."""
 
 
 class RecordSteps(TrainCallback):

@@ -124,21 +124,31 @@ class Trainer:
         self.loss_scale = world * self.accum / cfg.train.global_batch_size  # per-sample weight, see docstring
         universal = meta is not None and meta["world_size"] != world
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        # a resumed run takes its weights from the checkpoint: no need to fetch the pretrained UNet
-        mcfg = replace(cfg.model, pretrained_unet=None) if meta is not None else cfg.model
+        lora = cfg.train.lora
+        torch.manual_seed(cfg.train.seed)  # identical initial weights (and adapters) on every rank
+        # a resumed run takes its weights from the checkpoint: no need to fetch the pretrained
+        # weights; but a LoRA checkpoint holds only the adapters, the frozen base is read again
+        mcfg = cfg.model
+        if meta is not None and not lora.enabled:
+            mcfg = replace(cfg.model, pretrained_unet=None, pretrained_model=None)
         model = TRIPModel(mcfg, cfg.diffusion)
+        if lora.enabled:
+            from trip.model.lora import add_adapters
+
+            add_adapters(model, lora)  # the base is frozen: only the adapters train
         groups = model.param_groups()
-        self.base_lrs = [cfg.train.lr_unet, cfg.train.lr_fusion]
-        self.group_names = ["unet", "fusion"]
-        params = [{"params": groups[n], "lr": lr, "name": n} for n, lr in zip(self.group_names, self.base_lrs)]
+        lrs = {"unet": cfg.train.lr_unet, "fusion": cfg.train.lr_fusion}
+        self.group_names = [n for n in ("unet", "fusion") if groups[n]]  # LoRA without TNF adapters: no fusion group
+        self.base_lrs = [lrs[n] for n in self.group_names]
+        params = [{"params": groups[n], "lr": lrs[n], "name": n} for n in self.group_names]
         ds_cfg = deepspeed_config(cfg.train, micro_batch_size=cfg.data.micro_batch_size, grad_accum=self.accum,
                                   world_size=world, on_gpu=self.on_gpu, load_universal=universal)
         with prints_to_debug(__name__):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=TRIPObjective(model, cfg.train.text_dropout, cfg.train.residual_loss_weight), model_parameters=params, config=ds_cfg)
         self.draws = SampleDraws(cfg.train.seed, cfg.diffusion.num_train_timesteps, cfg.train.text_dropout)
-        self.named = list(self.engine.module.named_parameters())
+        # what trains, is checkpointed and averaged: every parameter, or with LoRA the adapters
+        self.named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         part = [p for _, p in self.named if hasattr(p, "ds_tensor")]
         self.partition_fraction = (sum(p.ds_tensor.numel() for p in part) / sum(p.ds_numel for p in part)
                                    if part else 1.0)
@@ -156,7 +166,7 @@ class Trainer:
 
         # DeepSpeed's checkpoint files become host copies, written later; its bookkeeping runs
         # once here instead of at every checkpoint
-        self.zero_files = ZeroSnapshot(self.engine, scratch, ckpt.DS_TAG)
+        self.zero_files = ZeroSnapshot(self.engine, scratch, ckpt.DS_TAG, exclude_frozen=lora.enabled)
         if found is not None:
             self._restore(found, universal)
             self.step, self.restarts = meta["step"], meta.get("restarts", 0) + 1
@@ -197,8 +207,10 @@ class Trainer:
             self.resume_bytes += self.run_dir.download(found.step, ds_files, root)  # the EMA slice: below
             ckpt.stub_other_ranks(rec, self.rank, root)
             load_dir, tag = root, ckpt.DS_TAG
+        # with LoRA the ZeRO files hold no frozen (base) parameters: those stay as loaded
         path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+                                              load_lr_scheduler_states=False,
+                                              load_module_strict=not self.cfg.train.lora.enabled)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {found.url} (tag {tag}) on rank {self.rank}")
         if self.ema is not None:
@@ -318,6 +330,12 @@ class Trainer:
                     last_saved = self.step
             if last_saved != self.step:  # resumed at max_steps: save so the run has a final checkpoint
                 self.save(wait=True)
+            if self.callbacks:
+                from trip.train.ema import local_part
+
+                params = [(_strip(n), local_part(p)) for n, p in self.engine.module.named_parameters()]
+                for cb in self.callbacks:
+                    cb.on_end(self.worker, params)
         finally:
             self.preemption.finish()
             self.loader.close()

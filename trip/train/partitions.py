@@ -64,7 +64,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -594,7 +594,7 @@ def _read_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 
 def consolidate(files: Sequence[str], out_path: str, *, dtype: torch.dtype | None = None,
-                kind: str | None = None) -> dict[str, Any]:
+                kind: str | None = None, rename: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Write every full tensor of one checkpoint kind to one safetensors file, streaming.
 
     `files`: the partition files of every rank of one kind (any order). Tensors keep the
@@ -605,7 +605,8 @@ def consolidate(files: Sequence[str], out_path: str, *, dtype: torch.dtype | Non
     reads (no mmap: pages read do not stay in this process's memory), written, and dropped:
     peak memory is about one full tensor (two when converting dtype), never the model.
     The result loads with `safetensors.torch.load_file`. Returns a summary (kind,
-    world_size, tensors, bytes)."""
+    world_size, tensors, bytes). `rename(name)` gives a tensor's name in the output, or None to
+    leave it out (e.g. one component of the model per file)."""
     if not files:
         raise ValueError("no partition files given")
     infos = [read_partition_file(p) for p in files]
@@ -617,10 +618,16 @@ def consolidate(files: Sequence[str], out_path: str, *, dtype: torch.dtype | Non
                          f"missing (given {len(files)} files, e.g. {infos[0].path})")
     order = list(by_rank[0].tensors.values())  # rank 0 lists every tensor
     outs = []
+    listed: dict[str, _Listed] = {}
     for t in order:
+        name = rename(t.name) if rename is not None else t.name
+        if name is None:
+            continue
+        if name in listed:
+            raise ValueError(f"{out_path}: two tensors renamed to {name!r}")
         dt = _st_dtype(dtype, out_path) if dtype is not None else t.dtype
-        outs.append(_Out(t.name, dt, t.shape, t.numel * _itemsize(dt)))
-    listed = {t.name: t for t in order}
+        outs.append(_Out(name, dt, t.shape, t.numel * _itemsize(dt)))
+        listed[name] = t
     fds: dict[int, int] = {}
 
     def produce(o: _Out) -> torch.Tensor:

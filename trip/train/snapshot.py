@@ -116,14 +116,16 @@ class ZeroSnapshot:
     bookkeeping (see the module docstring). Build it on every rank at the same point (the
     constructor runs one collective `save_checkpoint`); `capture` is local to the rank."""
 
-    def __init__(self, engine: Any, scratch: str, tag: str) -> None:
-        self.engine, self.tag = engine, tag
+    def __init__(self, engine: Any, scratch: str, tag: str, exclude_frozen: bool = False) -> None:
+        """`exclude_frozen`: leave frozen parameters out of the files (DeepSpeed's
+        `exclude_frozen_parameters`; a LoRA run's base is not checkpointed)."""
+        self.engine, self.tag, self.exclude_frozen = engine, tag, exclude_frozen
         self.snapshots = SnapshotEngine()
         recorder = _Recorder()
         engine.checkpoint_engine = recorder
         root = tempfile.mkdtemp(prefix="ds-template-", dir=scratch)
         try:
-            engine.save_checkpoint(root, tag=tag, client_state={})
+            engine.save_checkpoint(root, tag=tag, client_state={}, exclude_frozen_parameters=exclude_frozen)
         finally:
             engine.checkpoint_engine = self.snapshots
             shutil.rmtree(root, ignore_errors=True)
@@ -159,7 +161,8 @@ class ZeroSnapshot:
         files, as `engine.save_checkpoint(ds_root, tag, client_state)` would save them."""
         e = self.engine
         if not self.fast:
-            e.save_checkpoint(ds_root, tag=self.tag, client_state=client_state)
+            e.save_checkpoint(ds_root, tag=self.tag, client_state=client_state,
+                              exclude_frozen_parameters=self.exclude_frozen)
             return self.snapshots.take()
         tag_dir = os.path.join(ds_root, self.tag)
         out = []

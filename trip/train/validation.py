@@ -149,15 +149,19 @@ def validate_checkpoint(checkpoint_url: str, val: ValidationSet, cfg: Any, out_u
     `previous` is the last validation's result: `loss_rises` counts how many validations in
     a row the loss went up (0 when it fell), which the alert rules watch."""
     from trip.eval.quality import clip_quality, summarize
-    from trip.sampling import generate, load_model_and_codec
+    from trip.sampling import load_pipeline
     from trip.train.export import export_checkpoint
     from trip.video import to_uint8, write_gif, write_mp4
 
     t0, started = time.perf_counter(), time.time()
     with tempfile.TemporaryDirectory(prefix="trip-val-") as tmp:
         model_dir = os.path.join(tmp, "model")
-        export_checkpoint(checkpoint_url, model_dir, use_ema=cfg.train.ema_decay > 0)
-        model, codec, _ = load_model_and_codec(model_dir, device=device)
+        # what a user of this checkpoint gets: `trip export`'s model (a LoRA run's adapters merged)
+        export_checkpoint(checkpoint_url, model_dir, use_ema=cfg.train.ema_decay > 0,
+                          merge_lora=cfg.train.lora.enabled)
+        pipe, _ = load_pipeline(model_dir, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        model, codec = pipe.trip_model(), pipe.codec()
         loss = validation_loss(model, val)
         rises = (int(previous.get("loss_rises", 0)) + 1 if loss > previous["loss"] else 0) if previous else 0
         figures: dict[str, Any] = {"loss": loss, "loss_rises": rises, "samples": len(val.keys)}
@@ -167,7 +171,10 @@ def validate_checkpoint(checkpoint_url: str, val: ValidationSet, cfg: Any, out_u
                 reference = torch.stack([codec.decode(val.latents[i].permute(1, 0, 2, 3)) for i in range(m)])
             images = reference[:, cfg.data.image_frame]
             text = val.text[:m] if val.text is not None else None
-            videos = generate(model, codec, images.to(device), text, cfg=cfg.sample)
+            s = cfg.sample
+            videos = pipe(image=images.to(device), prompt_embeds=text, num_inference_steps=s.steps,
+                          guidance_scale=s.guidance_scale, eta=s.eta, generator=torch.Generator().manual_seed(s.seed),
+                          output_type="pt").frames.cpu()
             per_clip, pairs = {}, []
             for i in range(m):
                 gen, ref = to_uint8(videos[i]), to_uint8(reference[i])
