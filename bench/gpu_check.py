@@ -352,12 +352,14 @@ def ray_overrides(data: str, storage_path: str, steps: int, global_batch: int,
                   extra: dict[str, Any] | None = None) -> list[str]:
     """`--set` overrides that turn base_256.yaml into a 1-worker run of `steps` steps of
     `global_batch` samples on the synthetic dataset `data`, checkpointing into
-    `storage_path`, no retries, no exporter (optionally with another `unet` section)."""
+    `storage_path`, no retries, no exporter, no validation (optionally with another `unet`
+    section)."""
     sets: dict[str, Any] = {
         "model.pretrained_unet": "null",
         "data.dataset": data, "data.num_workers": 2, "data.shuffle_buffer": 32,
         "train.max_steps": steps, "train.global_batch_size": global_batch,
         "train.checkpoint_every": checkpoint_every, "train.log_every": 1, "train.keep_checkpoints": 2,
+        "train.validate_every": 0, "data.validation": "null",  # the check times training, not validation
         "scaling.num_workers": 1, "scaling.min_workers": "null", "scaling.max_workers": "null",
         "scaling.use_gpu": "true" if use_gpu else "false", "scaling.gpus_per_worker": 1,
         "scaling.cpus_per_worker": cpus_per_worker,

@@ -430,8 +430,13 @@ class Config:
             del d["model"]["pretrained_model"]
         if not self.train.lora.enabled:
             del d["train"]["lora"]
+        if not self.train.residual_loss_weight:
+            del d["train"]["residual_loss_weight"]
+        for name in ("validate_every", "validation_samples", "validation_videos"):  # what is checked, not trained
+            del d["train"][name]
         keep = {k: d[k] for k in ("model", "diffusion", "codec", "train")}
-        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "prefetch_factor", "pin_memory")}
+        keep["data"] = {k: v for k, v in d["data"].items()
+                        if k not in ("num_workers", "prefetch_factor", "pin_memory", "validation")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -79,11 +79,12 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
 
     from pipelines.train import run_training
     from tests.integration.callbacks import recording
-    from tests.integration.test_train_ray import make_config
+    from tests.integration.test_train_ray import VALIDATED, make_config
 
     debug = tmp_path / "debug"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     killed: list[int] = []
+    validated: list[int] = []
 
     def killer() -> None:
         wait_for(lambda: max_step(debug) >= 3, 120, "step 3")
@@ -96,8 +97,10 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         # bf16 here: the precision does not change the fault handling, and the path gets run
-        res = run_training(make_config(s3_bucket, "killed", 8, **{"run.max_failures": 2, "train.precision": "bf16"}),
-                           recording(debug, slow=0.3))
+        # validated every 2 steps across the kill: each validation step once, none lost
+        res = run_training(make_config(s3_bucket, "killed", 8, **{"run.max_failures": 2, "train.precision": "bf16"},
+                                       **VALIDATED),
+                           recording(debug, slow=0.3), on_validation=lambda step, f: validated.append(step))
         t.join(5)
     finally:
         ray.shutdown()
@@ -109,6 +112,11 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
     resumed_at = min(r["step"] for r in rows(debug) if r["attempt"] == second) - 1
     assert resumed_at >= 2 and resumed_at % 2 == 0, resumed_at  # from a checkpoint, not from scratch
     assert final[resumed_at][0]["attempt"] == first and final[8][0]["attempt"] == second
+    assert validated == [2, 4, 6, 8], validated
+    from trip.train.checkpoint import RunDir
+
+    run = RunDir(f"{s3_bucket}/runs", "killed")
+    assert all(run.validated(step) for step in (2, 4, 6, 8))
 
 
 def test_elastic_shrink_and_grow_keep_global_batch_and_exactly_once(s3_bucket, tmp_path, monkeypatch):
