@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same video)")
     p.add_argument("--fps", type=int, default=None, help="frame rate of the written files")
     p.add_argument("--prompt", default=None, help="caption (models trained with a text encoder only)")
+    p.add_argument("--lora", default=None, help="LoRA adapters to add (a `trip export` of a LoRA run; local or URL)")
     p.add_argument("--png", action="store_true", help="also write every frame side by side as a lossless PNG")
     p.set_defaults(func=_dispatch("trip.sampling:cli"))
 

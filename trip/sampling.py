@@ -39,13 +39,16 @@ def load_pipeline(path: str, device: str = "cpu") -> tuple[Any, SampleConfig]:
     from trip.codec import build_codec
     from trip.model import TRIPModel
     from trip.model import diffusers_layout as layout
-    from trip.pipeline import TRIPPipeline
+    from trip.pipeline import LORA_WEIGHTS, TRIPPipeline
     from trip.storage import local_copy
 
     try:
         local = local_copy(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"TRIP model directory not found: {path}") from e
+    if os.path.isfile(os.path.join(local, LORA_WEIGHTS)) and not layout.is_diffusers_dir(local):
+        raise FileNotFoundError(f"{path} holds LoRA adapters only: give the base model as --model and this "
+                                f"directory as --lora")
     if layout.is_diffusers_dir(local):
         with _quiet_loading():
             pipe = TRIPPipeline.from_pretrained(local).to(device)
@@ -97,6 +100,10 @@ def cli(args: argparse.Namespace) -> int:
     from trip.video import read_frames, write_gif, write_mp4, write_png_strip
 
     pipe, sample_cfg = load_pipeline(args.model)
+    if args.lora:
+        from trip.storage import local_copy
+
+        pipe.load_lora_weights(local_copy(args.lora))
     overrides = {k: v for k, v in {"steps": args.steps, "guidance_scale": args.guidance_scale,
                                    "seed": args.seed, "fps": args.fps}.items() if v is not None}
     sample_cfg = replace(sample_cfg, **overrides)

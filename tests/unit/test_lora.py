@@ -121,6 +121,16 @@ def test_adapter_export_is_diffusers_lora_format_and_loads_into_the_pipeline(lor
                                     output_type="pt").frames, ref, rtol=0, atol=1e-6)
     pipe.unload_lora_weights()
     assert pipe.lora_adapters() == []
+    # `trip sample` takes the base as --model and the adapters as --lora, and says so when mixed up
+    from trip.cli import main as trip_main
+    from trip.video import write_png_strip
+
+    write_png_strip(image, str(tmp_path / "first.png"))
+    assert trip_main(["sample", "--model", str(base_dir), "--lora", str(tmp_path / "adapter"), "--image",
+                      str(tmp_path / "first.png"), "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "first.mp4").is_file()
+    assert trip_main(["sample", "--model", str(tmp_path / "adapter"), "--image", str(tmp_path / "first.png"),
+                      "--out", str(tmp_path / "out")]) == 2
     torch.testing.assert_close(_frames(pipe), plain, rtol=1e-5, atol=1e-5)
 
 
