@@ -143,11 +143,11 @@ def sample_holdout(model_dir: str, holdout: Path, out: Path, sample_cfg) -> tupl
 def score_samples(generated: dict, holdout: Path, pre) -> dict[str, dict[str, float]]:
     """Each sample against its held-back video, decoded exactly as preprocessing decodes
     training videos: PSNR (mean, first and last frame), SSIM and the motion score."""
-    from data_tools.decode import SamplingSpec, decode_clip
+    from data_tools.decode import decode_clip
+    from pipelines.preprocess import sampling_spec
     from trip.eval.quality import clip_quality
 
-    spec = SamplingSpec(num_frames=pre.num_frames, fps=pre.fps, frame_stride=pre.frame_stride,
-                        start_offset=pre.start_offset, resolution=pre.resolution)
+    spec = sampling_spec(pre)
     return {name: clip_quality(frames, decode_clip(str(holdout / f"{name}.mp4"), spec).frames)
             for name, frames in sorted(generated.items())}
 

@@ -75,6 +75,12 @@ class JobResult:
 # --------------------------------------------------------------------------- Ray stages
 
 
+def sampling_spec(pre: PreprocessConfig) -> SamplingSpec:
+    """Which frames of a video the job takes, and at what size, from the `preprocess` section."""
+    return SamplingSpec(num_frames=pre.num_frames, fps=pre.fps, frame_stride=pre.frame_stride,
+                        start_offset=pre.start_offset, resolution=pre.resolution, threads=pre.decode_threads)
+
+
 def decode_row(item: dict[str, Any], spec: SamplingSpec, other_exts: bool = False) -> dict[str, Any]:
     """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason.
     `other_exts`: when the row's file is missing, try it with the other video extensions."""
@@ -187,9 +193,7 @@ def _build_dataset(items: list[dict[str, Any]], pre: PreprocessConfig, codec: Co
     ctx.enable_progress_bars = False  # ours counts videos and errors
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # shards complete one after another
-    spec = SamplingSpec(num_frames=pre.num_frames, fps=pre.fps, frame_stride=pre.frame_stride,
-                        start_offset=pre.start_offset, resolution=pre.resolution,
-                        threads=pre.decode_threads)
+    spec = sampling_spec(pre)
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = max(1, min(pre.encode_actors, int(gpus))) if gpus else max(1, pre.encode_actors)
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))

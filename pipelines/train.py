@@ -105,6 +105,11 @@ FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AW
                "AWS_DEFAULT_REGION", "TRIP_LOG_LEVEL")
 
 
+def forwarded_env() -> dict[str, str]:
+    """The FORWARD_ENV variables this driver has, for a worker's or actor's runtime_env."""
+    return {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+
+
 def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
     """The TorchTrainer for this config (no worker starts until .fit()); `callbacks`
     (`trip.train.callbacks.TrainCallback`) run in every worker."""
@@ -132,7 +137,7 @@ def build_trainer(cfg: Config, callbacks: Sequence[TrainCallback] = ()) -> Any:
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             # the console setup runs first in every worker, also on a cluster we did not start
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
+            worker_runtime_env={"env_vars": forwarded_env(),
                                 "worker_process_setup_hook": "trip.log.setup_ray_worker"},
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=[StopOnFatalError()],  # no retries of what would fail the same way
@@ -186,7 +191,7 @@ def start_validation(cfg: Config, on_validation: Callable[[int, dict[str, Any]],
     s = cfg.scaling
     actor = ray.remote(Validator).options(
         num_cpus=s.validation_cpus, num_gpus=s.validation_gpus if s.use_gpu else 0,
-        runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
+        runtime_env={"env_vars": forwarded_env(),
                      "worker_process_setup_hook": "trip.log.setup_validation_worker"},
     ).remote(to_dict(cfg))
     try:

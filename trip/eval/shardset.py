@@ -10,6 +10,8 @@ without keeping the source videos. Shards are read with the loader's own safe re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -22,29 +24,39 @@ def is_shard_set(root: str) -> bool:
     return storage.exists(storage.join(root, INDEX_NAME))
 
 
-def load_shard_clips(prefix: str, limit: int | None = None, codec_path: str | None = None,
-                     num_frames: int | None = None) -> dict[str, np.ndarray]:
-    """{sample key: uint8 frames [T, H, W, 3]} for the first `limit` samples of a shard set."""
-    from data_tools.check import build_codec_from_index
-    from trip.data.shardio import npy_view, read_samples
+def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterator[dict]:
+    """The first `limit` samples of a shard set, in index order, each with its latents.npy;
+    a corrupt shard or a sample without latents is an error naming the shard."""
+    from trip.data.shardio import read_samples
 
-    index = read_index(prefix)
-    codec = build_codec_from_index(index, codec_path)
-    clips: dict[str, np.ndarray] = {}
+    n = 0
     for entry in index["shards"]:
         url = storage.join(prefix, entry["name"])
         samples, error = read_samples(storage.read_bytes(url), url)
         if error:
             raise ValueError(f"shard {url} is corrupt: {error}")
         for sample in samples:
-            if limit is not None and len(clips) >= limit:
-                return clips
-            key = sample["__key__"]
+            if limit is not None and n >= limit:
+                return
             if "latents.npy" not in sample:
-                raise ValueError(f"shard {url}: sample {key} has no latents.npy")
-            latents = npy_view(sample["latents.npy"])[:num_frames]
-            frames = codec.decode(torch.from_numpy(latents.astype(np.float32)))  # [T, 3, H, W] in [0, 1]
-            clips[key] = (frames * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                raise ValueError(f"shard {url}: sample {sample['__key__']} has no latents.npy")
+            n += 1
+            yield sample
+
+
+def load_shard_clips(prefix: str, limit: int | None = None, codec_path: str | None = None,
+                     num_frames: int | None = None) -> dict[str, np.ndarray]:
+    """{sample key: uint8 frames [T, H, W, 3]} for the first `limit` samples of a shard set."""
+    from data_tools.check import build_codec_from_index
+    from trip.data.shardio import npy_view
+
+    index = read_index(prefix)
+    codec = build_codec_from_index(index, codec_path)
+    clips: dict[str, np.ndarray] = {}
+    for sample in first_samples(prefix, index, limit):
+        latents = npy_view(sample["latents.npy"])[:num_frames]
+        frames = codec.decode(torch.from_numpy(latents.astype(np.float32)))  # [T, 3, H, W] in [0, 1]
+        clips[sample["__key__"]] = (frames * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if not clips:
         raise ValueError(f"shard set {prefix} has no samples")
     return clips

@@ -70,29 +70,21 @@ class ValidationSet:
     def load(cls, prefix: str, count: int, image_frame: int = 0, text: bool = True) -> ValidationSet:
         """The first `count` samples of the shard set at `prefix` (fewer if it has fewer)."""
         from data_tools.shards import read_index
-        from trip.data.shardio import npy_view, read_samples
+        from trip.data.shardio import npy_view
+        from trip.eval.shardset import first_samples
 
+        lat, txt, keys = [], [], []
         try:
             index = read_index(prefix)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"data.validation: {e}") from e
-        lat, txt, keys = [], [], []
-        for entry in index["shards"]:
-            url = storage.join(prefix, entry["name"])
-            samples, error = read_samples(storage.read_bytes(url), url)
-            if error:
-                raise ValueError(f"data.validation shard {url} is corrupt: {error}")
-            for sample in samples:
-                if len(keys) >= count:
-                    break
-                if "latents.npy" not in sample:
-                    raise ValueError(f"data.validation shard {url}: sample {sample['__key__']} has no latents.npy")
+            for sample in first_samples(prefix, index, count):
                 lat.append(torch.from_numpy(npy_view(sample["latents.npy"]).astype(np.float32)))
                 if text and "text.npy" in sample:
                     txt.append(torch.from_numpy(npy_view(sample["text.npy"]).astype(np.float32)))
                 keys.append(sample["__key__"])
-            if len(keys) >= count:
-                break
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.validation: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"data.validation: {e}") from e
         if not keys:
             raise ValueError(f"data.validation {prefix} has no samples")
         latents = torch.stack(lat).permute(0, 2, 1, 3, 4).contiguous()  # [N, F, C, h, w] -> [N, C, F, h, w]
