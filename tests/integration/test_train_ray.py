@@ -117,7 +117,17 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
         # run A, part 1: 4 of 6 steps (the LR schedule is constant after warmup, so stopping
         # early is the same trajectory as an interrupted 6-step run), validated every 2 steps
         cfg = make_config(s3_bucket, "resumed", 4, port=port, **VALIDATED)
-        first = run_training(cfg, [RecordSteps(str(debug))], on_validation=lambda step, f: validated.append(step))
+
+        def on_validation(step: int, figures: dict) -> None:
+            # the validation actor stops with the run: hold the driver until Prometheus has
+            # scraped this result (1 s scrape interval), so the query below sees it
+            validated.append(step)
+            for _ in range(40):
+                if prom.query(f'trip_val_step{{run="resumed"}} == {step}'):
+                    return
+                time.sleep(0.25)
+
+        first = run_training(cfg, [RecordSteps(str(debug))], on_validation=on_validation)
         assert first.steps == 4 and validated == [2, 4]
         # both ranks were scraped while training (the exporters stop with the run, so query
         # over a window: range selectors skip the staleness markers)

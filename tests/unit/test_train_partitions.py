@@ -461,4 +461,5 @@ def test_consolidate_memory_stays_bounded(tmp_path):
     # parent's peak over fork and exec, so here it starts above anything consolidate uses.)
     grew = m["hwm_after"] - m["rss_before"]
     assert os.path.getsize(out) > total
-    assert grew < 0.4 * total, f"{m}: peak RSS grew {grew / 1e6:.0f} MB consolidating {total / 1e6:.0f} MB"
+    largest = 4 * max(numels)  # one reused buffer of the largest tensor, plus small change
+    assert grew < 3 * largest, f"{m}: peak RSS grew {grew / 1e6:.0f} MB consolidating {total / 1e6:.0f} MB"

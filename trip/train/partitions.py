@@ -629,12 +629,17 @@ def consolidate(files: Sequence[str], out_path: str, *, dtype: torch.dtype | Non
         outs.append(_Out(name, dt, t.shape, t.numel * _itemsize(dt)))
         listed[name] = t
     fds: dict[int, int] = {}
+    # One buffer, the size of the largest stored tensor, reused for every tensor: a fresh
+    # allocation per tensor lets the allocator keep freed blocks, and the peak then drifts
+    # to several tensors; reuse holds it at one (plus one converted copy with `dtype`).
+    scratch = torch.empty(max((t.numel * _itemsize(t.dtype) for t in listed.values()), default=0),
+                          dtype=torch.uint8)
 
     def produce(o: _Out) -> torch.Tensor:
         t = listed[o.name]
-        full = torch.empty(t.numel, dtype=_FROM_ST[t.dtype])
-        view = memoryview(full.view(torch.uint8).numpy())
         item = _itemsize(t.dtype)
+        full = scratch[: t.numel * item].view(_FROM_ST[t.dtype])
+        view = memoryview(full.view(torch.uint8).numpy())
         parts = range(world) if t.partitioned else range(1)
         for r in parts:
             piece = by_rank[r].tensors[t.name]
