@@ -137,3 +137,52 @@ def test_other_extensions_swap_only_a_video_extension() -> None:
                                                    "s3://b/d/1.avi", "s3://b/d/1.m4v"]
     assert other_extensions("/v/1.WEBM")[:2] == ["/v/1.mp4", "/v/1.webm"]
     assert other_extensions("/v.1/clip") == [] and other_extensions("/v/clip.txt") == []
+
+
+_PLAN_IN_A_CHILD = """
+import json, sys
+from data_tools import webvid
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS: imports do not count
+before = status("VmRSS")
+if sys.argv[2] == "plan":
+    plan = webvid.scan_csv(sys.argv[1])
+    found = {"rows": len(plan), "rejected": [r.line for r in plan.rejected], "shards": plan.num_shards(64)}
+else:
+    rows = webvid.read_rows(sys.argv[1]).rows
+    found = {"rows": len(rows)}
+print(json.dumps({**found, "kb": status("VmHWM") - before}))
+"""
+
+
+def test_a_100k_row_csv_is_planned_in_a_few_mb(tmp_path) -> None:
+    """The driver holds ~25 bytes a record (offsets, line, hash, status), not the rows: 100k
+    rows (12 MB of CSV) must plan within 25 MB of peak memory above what the process held
+    before, well under what the same rows take as Python objects. Every 1000th record
+    repeats an earlier videoid."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.csv"
+    with open(path, "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for i in range(100_000):
+            vid = 10_000_000 + (i - 500 if i % 1000 == 999 else i)
+            f.write(f"{vid},https://videos.example/{vid}.mp4,PT00H00M{i % 50 + 5:02d}S,"
+                    f"{i // 1000:06d}_dir,\"a caption of about sixty characters, number {i}\",cc\n")
+    def child(how: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _PLAN_IN_A_CHILD, str(path), how], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout)
+
+    plan, objects = child("plan"), child("rows")
+    assert plan["rows"] == objects["rows"] == 99_900
+    assert len(plan["rejected"]) == 100 and plan["shards"] == 1561
+    assert plan["rejected"][0] == 1001  # record 999 is on line 1001 (after the header)
+    assert plan["kb"] < 25 * 1024, plan
+    assert objects["kb"] > 2 * plan["kb"], (plan, objects)  # the bound is one the rows would break
