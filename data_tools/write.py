@@ -1,28 +1,36 @@
-"""The write stage: rows -> shard plan, one committed shard at a time, then index + errors.
+"""The write stage: one shard's rows -> its committed tar, and the job's progress manifest.
 
 Why a plan: a job on millions of videos will be interrupted. Rows (in CSV order after
 filtering) are assigned to shards by position alone, shard i = rows [i*S, (i+1)*S), and
 samples inside a shard are written in row order, so a rerun writes byte-identical shards
 and skips the ones already committed.
 
-A shard is done when its record `_progress/shard-NNNNNN.json` exists. The record is
-written after the tar is committed, and holds what index.json and the errors manifest
-need (sample count, bytes, channel sums, error lines) so finishing never re-reads shards.
-A crash between tar and record only costs redoing that shard (same bytes again).
-A record made by a different job (other settings, codec or rows) is refused with an
-error instead of being mixed in.
+Who writes: the task that decodes a shard's videos also assembles its tar and commits it
+straight to the output (`write_shard_samples`: temporary file, then one PUT or rename), and
+returns the shard's record (sample count, bytes, channel sums, error lines) to the driver,
+so the driver never touches sample bytes.
+
+Progress: the driver appends records to the `Manifest`, `_progress/records-NNNNNN.jsonl`
+segments written every few dozen shards (and when the job stops, however it stops). A
+rerun discovers what is done from one listing of `_progress/` and the segments it holds
+(one read per segment, never one per shard); a shard committed after the last segment was
+written is simply done again, with the same bytes. Records from a different job (other
+settings, codec, CSV or plan) are refused with an error instead of being mixed in. When the
+job finishes, the segments are compacted into `_progress/records.jsonl`, so a resumed job
+leaves exactly the files a clean one does.
 
 Finally `errors.jsonl` (videoid, url, stage, reason, status; first the CSV rows the reader
 rejected, stage "csv" with their line, then each shard's videos) and `index.json` are
-written, index last, each atomically. The CSV rows are read again on every run, so a rerun
+written, index last, each atomically. The CSV is planned again on every run, so a rerun
 writes the same manifest as a clean run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +42,8 @@ from trip import storage
 
 PROGRESS_DIR = "_progress"
 ERRORS_NAME = "errors.jsonl"
+RECORDS_NAME = "records.jsonl"  # the compacted manifest of a finished job
+_SEGMENT = "records-"
 _TAR_BLOCK = 512
 
 
@@ -78,113 +88,175 @@ def rows_per_shard(samples_per_shard: int, max_shard_bytes: int | None, sample_b
     return max(1, min(samples_per_shard, max_shard_bytes // sample_bytes))
 
 
-def plan(rows: list[VideoRow], per_shard: int) -> list[list[int]]:
-    """Row ordinals of each shard: shard i gets rows [i*S, (i+1)*S)."""
-    return [list(range(s, min(s + per_shard, len(rows)))) for s in range(0, len(rows), per_shard)]
+def sample_errors(outcomes: Iterable[Outcome]) -> list[dict[str, Any]]:
+    """The errors-manifest lines of a shard's rows that produced no sample, in row order."""
+    return [{"videoid": o.row.videoid, "url": o.row.url, "stage": o.stage, "reason": o.reason,
+             "status": o.status} for o in outcomes if o.status != "ok"]
 
 
-def _rows_digest(rows: list[VideoRow], ordinals: list[int]) -> str:
-    h = hashlib.sha256()
-    for i in ordinals:
-        h.update(json.dumps([i, rows[i].videoid, rows[i].caption]).encode())
-    return h.hexdigest()[:16]
+def check_sample(o: Outcome, latent_shape: list[int], text_shape: list[int] | None) -> None:
+    """Raise ValueError naming the video when its arrays are not what index.json will say."""
+    assert o.latents is not None
+    if list(o.latents.shape) != list(latent_shape):
+        raise ValueError(f"video {o.row.videoid}: latents {list(o.latents.shape)}, expected {list(latent_shape)}")
+    if text_shape and (o.text is None or list(o.text.shape) != list(text_shape)):
+        raise ValueError(f"video {o.row.videoid}: text states "
+                         f"{None if o.text is None else list(o.text.shape)}, expected {list(text_shape)}")
 
 
-def record_url(output: str, shard: int) -> str:
-    return storage.join(output, PROGRESS_DIR, shard_name(shard).replace(".tar", ".json"))
+class ShardSamples:
+    """The tar of one shard, filled in row order as outcomes arrive, then committed.
+
+    `add(outcome)` for every row of the shard in order (ok ones become samples, the others
+    error lines); `commit()` makes the tar visible (none when no row produced a sample) and
+    returns the shard's record; `abort()` drops the partial tar."""
+
+    def __init__(self, output: str, shard: int, identity: dict[str, str], latent_shape: list[int],
+                 text_shape: list[int] | None) -> None:
+        self.output, self.shard, self.identity = output, shard, identity
+        self.latent_shape, self.text_shape = latent_shape, text_shape
+        self._writer: ShardWriter | None = None
+        self.errors: list[dict[str, Any]] = []
+        self.last = -1
+
+    def add(self, o: Outcome) -> None:
+        if o.ordinal <= self.last:
+            raise ValueError(f"shard {self.shard}: row {o.ordinal} arrived after row {self.last}")
+        self.last = o.ordinal
+        if o.status != "ok":
+            self.errors += sample_errors([o])
+            return
+        check_sample(o, self.latent_shape, self.text_shape)
+        if self._writer is None:
+            self._writer = ShardWriter(self.output, self.shard)
+        assert o.latents is not None
+        self._writer.add(sample_key(o.ordinal), o.latents, o.meta or {}, o.row.caption, o.text)
+
+    def commit(self) -> dict[str, Any]:
+        info = self._writer.commit() if self._writer is not None else None
+        self._writer = None
+        return {**self.identity, "index": self.shard, "shard": shard_name(self.shard),
+                "info": asdict(info) if info else None, "errors": self.errors}
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
 
 
-class ShardPlanWriter:
-    """Commits shards of a fixed plan under `output` and finishes the dataset."""
+def write_shard_samples(output: str, shard: int, outcomes: Sequence[Outcome], identity: dict[str, str],
+                        latent_shape: list[int], text_shape: list[int] | None) -> dict[str, Any]:
+    """Write and commit one shard from all its outcomes (any order); returns its record."""
+    samples = ShardSamples(output, shard, identity, latent_shape, text_shape)
+    try:
+        for o in sorted(outcomes, key=lambda o: o.ordinal):
+            samples.add(o)
+        return samples.commit()
+    except BaseException:
+        samples.abort()
+        raise
 
-    def __init__(self, output: str, rows: list[VideoRow], per_shard: int, *, fingerprint: str,
-                 latent_shape: list[int], text_shape: list[int] | None) -> None:
-        self.output = output
-        self.rows = rows
-        self.shards = plan(rows, per_shard)
-        self.fingerprint = fingerprint
-        self.latent_shape = latent_shape
-        self.text_shape = text_shape
 
-    def _expected_record(self, shard: int) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "rows": _rows_digest(self.rows, self.shards[shard])}
+class Manifest:
+    """The records of an output's committed shards: `_progress/` segments (module docstring).
 
-    def committed(self) -> dict[int, dict[str, Any]]:
-        """Records of shards already committed by this same job; raises on a foreign one."""
+    `identity` ({fingerprint, plan}) is what every record of this job carries."""
+
+    def __init__(self, output: str, identity: dict[str, str], *, flush_every: int = 64,
+                 flush_seconds: float = 30.0) -> None:
+        self.output, self.identity = output, identity
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.records: dict[int, str] = {}  # shard -> its record, one JSON line
+        self._pending: list[int] = []
+        self._files: list[str] = []  # segment names present
+        self._next = 0
+        self._last_flush = time.monotonic()
+
+    def _url(self, name: str) -> str:
+        return storage.join(self.output, PROGRESS_DIR, name)
+
+    def load(self, num_shards: int) -> dict[int, str]:
+        """The committed shards' records, from one listing and the segments in it; raises
+        `JobMismatchError` on a record of another job."""
         fs, root = storage.filesystem(storage.join(self.output, PROGRESS_DIR))
         fs.invalidate_cache(root)  # a listing cached earlier in this process may be stale
         try:
-            names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
         except FileNotFoundError:
-            return {}
-        done: dict[int, dict[str, Any]] = {}
-        for name in names:
-            if not (name.startswith("shard-") and name.endswith(".json")):
-                continue
-            shard = int(name[len("shard-"):-len(".json")])
-            url = record_url(self.output, shard)
-            record = json.loads(storage.read_bytes(url))
-            if shard >= len(self.shards) or any(
-                    record.get(k) != v for k, v in self._expected_record(shard).items()):
-                raise JobMismatchError(
-                    f"{url} was written by a different preprocessing job (other settings, codec, "
-                    f"text encoder or CSV rows). Use a new preprocess.output or delete {self.output}")
-            done[shard] = record
-        return done
+            names = []
+        self._files = [n for n in names if n.endswith(".jsonl") and (n == RECORDS_NAME or n.startswith(_SEGMENT))]
+        seqs = [int(n[len(_SEGMENT):-len(".jsonl")]) for n in self._files if n.startswith(_SEGMENT)]
+        self._next = max(seqs, default=-1) + 1
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda n: storage.read_bytes(self._url(n)).decode(), self._files))
+        for name, text in zip(self._files, texts, strict=True):
+            for line in text.splitlines():
+                record = json.loads(line)
+                if any(record.get(k) != v for k, v in self.identity.items()) or record["index"] >= num_shards:
+                    raise JobMismatchError(
+                        f"{self._url(name)} lists {record.get('shard')} of a different preprocessing job "
+                        f"(other settings, codec, text encoder or CSV rows). Use a new preprocess.output "
+                        f"or delete {self.output}")
+                self.records[int(record["index"])] = line
+        return dict(self.records)
 
-    def commit(self, shard: int, outcomes: list[Outcome]) -> dict[str, Any]:
-        """Write the shard's ok samples (row order) and its record; returns the record."""
-        outcomes = sorted(outcomes, key=lambda o: o.ordinal)
-        if [o.ordinal for o in outcomes] != self.shards[shard]:
-            raise ValueError(f"shard {shard}: got rows {[o.ordinal for o in outcomes]}, "
-                             f"planned {self.shards[shard]}")
-        ok = [o for o in outcomes if o.status == "ok"]
-        info: ShardInfo | None = None
-        if ok:  # a shard whose every row failed is recorded but has no tar
-            writer = ShardWriter(self.output, shard)
-            try:
-                for o in ok:
-                    self._add(writer, o)
-            except BaseException:
-                writer.abort()
-                raise
-            info = writer.commit()
-        errors = [{"videoid": o.row.videoid, "url": o.row.url, "stage": o.stage, "reason": o.reason,
-                   "status": o.status} for o in outcomes if o.status != "ok"]
-        record = {**self._expected_record(shard), "shard": shard_name(shard),
-                  "info": asdict(info) if info else None, "errors": errors}
-        storage.write_bytes_atomic(record_url(self.output, shard),
-                                   json.dumps(record, sort_keys=True).encode())
-        return record
+    def add(self, record: dict[str, Any]) -> None:
+        """Note a committed shard; written with the next segment (see `maybe_flush`)."""
+        self.records[int(record["index"])] = json.dumps(record, sort_keys=True)
+        self._pending.append(int(record["index"]))
 
-    def _add(self, writer: ShardWriter, o: Outcome) -> None:
-        assert o.latents is not None
-        if list(o.latents.shape) != self.latent_shape:
-            raise ValueError(f"video {o.row.videoid}: latents {list(o.latents.shape)}, "
-                             f"expected {self.latent_shape}")
-        if self.text_shape and (o.text is None or list(o.text.shape) != self.text_shape):
-            raise ValueError(f"video {o.row.videoid}: text states "
-                             f"{None if o.text is None else list(o.text.shape)}, expected {self.text_shape}")
-        writer.add(sample_key(o.ordinal), o.latents, o.meta or {}, o.row.caption, o.text)
+    def maybe_flush(self) -> None:
+        if len(self._pending) >= self.flush_every or (
+                self._pending and time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
 
-    def finish(self, records: dict[int, dict[str, Any]], *, codec: dict[str, Any],
-               text_encoder: dict[str, Any] | None, extra: dict[str, Any],
-               rejected: Sequence[RejectedRow] = (), csv_url: str = "") -> dict[str, Any]:
-        """Write errors.jsonl (the `rejected` CSV rows of `csv_url`, then every shard's
-        errors) and then index.json from every shard's record."""
-        missing = [i for i in range(len(self.shards)) if i not in records]
-        if missing:
-            raise ValueError(f"cannot finish {self.output}: shards {missing[:5]} are not committed")
-        ordered = [records[i] for i in range(len(self.shards))]
-        errors = [{"videoid": r.videoid, "url": "", "stage": "csv", "status": "skipped", "csv": csv_url,
-                   "line": r.line, "reason": f"line {r.line} {r.reason}"} for r in rejected]
-        errors += [e for r in ordered for e in r["errors"]]
-        storage.write_bytes_atomic(storage.join(self.output, ERRORS_NAME),
-                                   "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
-        infos = [ShardInfo(**r["info"]) for r in ordered if r["info"]]
-        index = build_index(infos, latent_shape=self.latent_shape, text_shape=self.text_shape,
-                            codec=codec, text_encoder=text_encoder,
-                            extra={**extra, "num_rows": len(self.rows), "num_errors": len(errors),
-                                   "num_rejected_rows": len(rejected), "errors_manifest": ERRORS_NAME})
-        write_index(self.output, index)
-        return index
+    def flush(self) -> None:
+        """Write the records noted since the last segment as a new segment."""
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        name = f"{_SEGMENT}{self._next:06d}.jsonl"
+        body = "".join(self.records[i] + "\n" for i in self._pending)
+        storage.write_bytes_atomic(self._url(name), body.encode())
+        self._files.append(name)
+        self._next += 1
+        self._pending = []
+
+    def compact(self) -> None:
+        """One `records.jsonl` with every record in shard order; the segments are removed
+        after it is written (a crash between leaves both, which `load` reads as one)."""
+        self.flush()
+        body = "".join(self.records[i] + "\n" for i in sorted(self.records))
+        storage.write_bytes_atomic(self._url(RECORDS_NAME), body.encode())
+        old = [n for n in self._files if n != RECORDS_NAME]
+        fs, _ = storage.filesystem(self.output)
+        for name in old:
+            _, path = storage.filesystem(self._url(name))
+            fs.rm_file(path)
+        self._files = [RECORDS_NAME]
+
+
+def finish(output: str, records: dict[int, str], num_shards: int, *, latent_shape: list[int],
+           text_shape: list[int] | None, codec: dict[str, Any], text_encoder: dict[str, Any] | None,
+           extra: dict[str, Any], num_rows: int, rejected: Sequence[RejectedRow] = (),
+           csv_url: str = "") -> dict[str, Any]:
+    """Write errors.jsonl (the `rejected` CSV rows of `csv_url`, then every shard's errors)
+    and then index.json, from every shard's record (JSON lines, by shard)."""
+    missing = [i for i in range(num_shards) if i not in records]
+    if missing:
+        raise ValueError(f"cannot finish {output}: shards {missing[:5]} are not committed")
+    lines = [json.dumps({"videoid": r.videoid, "url": "", "stage": "csv", "status": "skipped", "csv": csv_url,
+                         "line": r.line, "reason": f"line {r.line} {r.reason}"}, sort_keys=True) for r in rejected]
+    infos = []
+    for i in range(num_shards):
+        record = json.loads(records[i])
+        lines += [json.dumps(e, sort_keys=True) for e in record["errors"]]
+        if record["info"]:
+            infos.append(ShardInfo(**record["info"]))
+    storage.write_bytes_atomic(storage.join(output, ERRORS_NAME), "".join(e + "\n" for e in lines).encode())
+    index = build_index(infos, latent_shape=latent_shape, text_shape=text_shape, codec=codec,
+                        text_encoder=text_encoder,
+                        extra={**extra, "num_rows": num_rows, "num_errors": len(lines),
+                               "num_rejected_rows": len(rejected), "errors_manifest": ERRORS_NAME})
+    write_index(output, index)
+    return index

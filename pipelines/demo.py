@@ -4,7 +4,7 @@
 
 1. `data_tools synth`: a synthetic WebVid-format dataset (moving coloured shapes) plus
    held-back first frames that training never sees;
-2. the Ray Data preprocessing job -> latent shards in the embedded object store: a local
+2. the Ray preprocessing job -> latent shards in the embedded object store: a local
    directory through file://, or with --s3 a bucket on an S3 server started on 127.0.0.1
    (moto's server mode speaks the real S3 API) and stopped at the end;
 3. Ray Train, 2 CPU workers, DeepSpeed ZeRO-3, streaming those shards, checkpoints into
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from pipelines.preprocess import run_preprocess
 
-        _say("2/4 preprocess", f"Ray Data job -> latent shards in {cfg.preprocess.output}")
+        _say("2/4 preprocess", f"Ray job, a task a shard -> latent shards in {cfg.preprocess.output}")
         pre = run_preprocess(cfg.preprocess, cfg.codec)
         log.info(f"{pre.index['num_samples']} samples in {len(pre.index['shards'])} shards ({pre.seconds:.1f} s)")
         # the held-back videos become the validation set: scored while training runs

@@ -1,18 +1,29 @@
-"""The preprocessing job: WebVid CSV + videos -> latent WebDataset shards, on Ray Data.
+"""The preprocessing job: WebVid CSV + videos -> latent WebDataset shards, on Ray.
 
     trip preprocess --config pipelines/configs/tiny_cpu.yaml [--set preprocess.limit=100]
     python -m pipelines.preprocess --config ...
 
-Stages: the driver reads and filters the CSV (a missing column fails here, before any
-cluster resource is used; a bad row, such as a repeated videoid, goes to the errors
-manifest with its line number unless `preprocess.strict_csv`) and plans rows into shards by
-position; Ray Data decodes each video in a CPU task (PyAV; with `{ext}` in the path template
-it also looks there for the video under the other usual extensions), encodes batches of
-clips in an actor pool (one GPU per actor when the cluster has GPUs, CPU otherwise), and
-streams results back in row order; the driver commits each shard as soon as all its rows
-are in. Committed shards are skipped on a rerun, and because shard contents depend only on
-the plan, the rerun's final set equals a clean run's. Latents are small (16x4x32x32 fp16 =
-128 KiB a clip), so one writer keeps up with many decoders.
+The driver streams the CSV once and plans its rows into shards by position
+(`data_tools.webvid.scan_csv`: a missing column fails here, before any cluster resource is
+used; a bad row, such as a repeated videoid, goes to the errors manifest with its line
+number unless `preprocess.strict_csv`). It holds numbers, not rows: ~25 bytes a CSV record.
+
+Each shard is then one Ray task (`write_shard`, spread over the nodes, one CPU): it reads
+its rows from its byte range of the CSV, decodes each video (PyAV; with `{ext}` in the path
+template it also looks for the video under the other usual extensions), encodes the clips
+in batches, writes the samples in row order into the shard's tar and commits it straight to
+the output; it returns only the shard's record. Where the clips are encoded:
+- on a cluster with GPUs (or `preprocess.encode_on: actors`): a pool of `encode_actors`
+  encoder actors (`encode_gpus_per_actor` GPUs each; the VAE in `codec.dtype`, e.g.
+  bfloat16), which a shard task feeds with batches of clips, two batches in flight so it
+  decodes the next batch while the actor encodes the last, preferring actors on its node;
+- on a CPU-only cluster (`encode_on: auto`), in the shard task itself, with the codec
+  loaded once per worker process: no frames cross processes at all.
+
+The driver keeps at most `shards_in_flight` tasks submitted (default: the cluster's CPUs),
+notes each record in the progress manifest (`data_tools.write.Manifest`) and finishes with
+errors.jsonl and index.json. Committed shards are skipped on a rerun, and because a shard's
+contents depend only on the plan, the rerun's final set equals a clean run's.
 
 Only the `preprocess` and `codec` slices of the config are used.
 """
@@ -22,12 +33,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,13 +46,23 @@ import numpy as np
 
 from data_tools import metrics
 from data_tools.decode import SamplingSpec, SkipVideo, decode_clip
-from data_tools.shards import npy_bytes
-from data_tools.webvid import CSVFormatError, VideoRow, other_extensions, read_rows
+from data_tools.webvid import (
+    CSVFormatError,
+    CSVPlan,
+    ShardRange,
+    VideoRow,
+    check_template,
+    other_extensions,
+    read_range,
+    scan_csv,
+)
 from data_tools.write import (
     JobMismatchError,
+    Manifest,
     Outcome,
-    ShardPlanWriter,
+    ShardSamples,
     estimate_sample_bytes,
+    finish,
     rows_per_shard,
 )
 from trip.config import CodecConfig, ConfigError, PreprocessConfig, load_config
@@ -52,10 +72,10 @@ log = get_logger(__name__)
 
 # settings that change how fast the job runs (or whether a bad CSV row stops it), not what it writes
 _SPEED_ONLY = ("csv", "output", "limit", "encode_batch_size", "encode_actors", "decode_threads",
-               "metrics_port", "video_root", "samples_per_shard", "max_shard_bytes", "strict_csv")
+               "metrics_port", "video_root", "samples_per_shard", "max_shard_bytes", "strict_csv",
+               "encode_on", "encode_gpus_per_actor", "shards_in_flight")
 
-
-_DECODE_MEMORY = 256 * 1024**2  # bytes a decode task may hold (one compressed video + frames)
+_DECODE_MEMORY = 256 * 1024**2  # bytes a shard task may hold (one compressed video + frames + a batch)
 
 
 @dataclass
@@ -72,7 +92,7 @@ class JobResult:
     index: dict[str, Any]
 
 
-# --------------------------------------------------------------------------- Ray stages
+# --------------------------------------------------------------------------- stages
 
 
 def sampling_spec(pre: PreprocessConfig) -> SamplingSpec:
@@ -81,55 +101,182 @@ def sampling_spec(pre: PreprocessConfig) -> SamplingSpec:
                         start_offset=pre.start_offset, resolution=pre.resolution, threads=pre.decode_threads)
 
 
-def decode_row(item: dict[str, Any], spec: SamplingSpec, other_exts: bool = False) -> dict[str, Any]:
-    """Ray Data map: one row -> its clip as npy bytes of uint8 [F, R, R, 3], or a skip reason.
-    `other_exts`: when the row's file is missing, try it with the other video extensions."""
-    out = {**item, "status": "ok", "stage": "", "reason": "", "frames": b"", "meta": "{}"}
+def decode_row(row: VideoRow, spec: SamplingSpec, other_exts: bool = False) -> tuple[np.ndarray | None, Outcome]:
+    """One row -> (its clip, uint8 [F, R, R, 3], or None; its outcome so far: ok with the
+    decode meta, or skipped/error with the stage and reason). `other_exts`: when the row's
+    file is missing, try it with the other video extensions."""
+    o = Outcome(ordinal=-1, row=row, status="ok")
     try:
-        clip = decode_clip(item["url"], spec, fallbacks=other_extensions(item["url"]) if other_exts else ())
-        out.update(frames=npy_bytes(clip.frames), meta=json.dumps(clip.meta))
+        clip = decode_clip(row.url, spec, fallbacks=other_extensions(row.url) if other_exts else ())
     except SkipVideo as e:
-        out.update(status="skipped", stage=e.stage, reason=e.reason)
+        o.status, o.stage, o.reason = "skipped", e.stage, e.reason
+        return None, o
     except Exception as e:  # noqa: BLE001 - a bug on one video must not stop the job
-        out.update(status="error", stage="decode", reason=f"{type(e).__name__}: {e}")
-    return out
+        o.status, o.stage, o.reason = "error", "decode", f"{type(e).__name__}: {e}"
+        return None, o
+    o.meta = clip.meta
+    return clip.frames, o
 
 
-class EncodeActor:
-    """Ray Data actor: a batch of decoded rows -> latents (+ text states) as npy bytes."""
+class Encoder:
+    """Clips -> latents (+ text states): the codec and text encoder, loaded once."""
 
     def __init__(self, codec: CodecConfig, text_encoder: str | None, max_text_length: int,
                  batch_size: int) -> None:
         from data_tools.encode import ClipEncoder  # torch is imported only where it is used
 
-        self.encoder = ClipEncoder(codec, text_encoder=text_encoder,
-                                   max_text_length=max_text_length, batch_size=batch_size)
+        self.encoder = ClipEncoder(codec, text_encoder=text_encoder, max_text_length=max_text_length,
+                                   batch_size=batch_size)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["ordinal"])
-        status = [str(s) for s in batch["status"]]
-        stage, reason = [str(s) for s in batch["stage"]], [str(s) for s in batch["reason"]]
-        latents, texts, seconds = [b""] * n, [b""] * n, [0.0] * n
-        ok = [i for i in range(n) if status[i] == "ok"]
-        if ok:
+    def encode(self, clips: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """uint8 [N, F, H, W, 3] and N captions -> (float16 latents [N, F, C, h, w], float16
+        text states [N, L, D] or None, seconds a clip)."""
+        t0 = time.perf_counter()
+        lat = self.encoder.encode_frames(clips)
+        text = self.encoder.encode_text(captions)
+        return lat, text, (time.perf_counter() - t0) / max(1, len(clips))
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+_LOCAL: dict[str, Encoder] = {}  # this worker process's encoder, by settings
+
+
+def local_encoder(job: ShardJob) -> Encoder:
+    """The encoder of this process for `job`'s settings (loaded on first use, then kept:
+    Ray reuses worker processes, so a CPU cluster loads the codec once per worker)."""
+    key = json.dumps([asdict(job.codec), job.pre.text_encoder, job.pre.max_text_length], sort_keys=True)
+    if key not in _LOCAL:
+        _LOCAL.clear()
+        _LOCAL[key] = Encoder(job.codec, job.pre.text_encoder, job.pre.max_text_length, job.pre.encode_batch_size)
+    return _LOCAL[key]
+
+
+@dataclass
+class ShardJob:
+    """What every shard task of a run shares (small: sent with each task)."""
+
+    pre: PreprocessConfig
+    codec: CodecConfig
+    columns: list[str]
+    identity: dict[str, str]  # {fingerprint, plan}: carried by every record
+    latent_shape: list[int]
+    text_shape: list[int] | None
+
+    @property
+    def clips_per_batch(self) -> int:
+        return max(1, self.pre.encode_batch_size // self.pre.num_frames)
+
+
+def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) -> dict[str, Any]:
+    return {"videoid": row.videoid, "caption": row.caption, "source_url": row.url,
+            "fps": pre.fps, "frame_stride": pre.frame_stride, "start_offset": pre.start_offset,
+            "num_frames": pre.num_frames, "resolution": pre.resolution, "duration": row.duration,
+            "page_dir": row.page_dir, "extra": json.loads(row.extra), **decoded}
+
+
+def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = None) -> dict[str, Any]:
+    """The shard task: rows -> decoded clips -> latents -> committed tar; returns
+    {"record": the shard's record, "stats": {node, pid, counts, encode [(seconds a clip, clips)]}}
+    (node and pid: where the shard was written).
+
+    `encoders`: encoder actor handles (with their node ids) to send batches to, or None to
+    encode here. A failure that is not one video's (the output unwritable, an encoder actor
+    gone) fails the task with the shard named; the partial tar is removed."""
+    pre = job.pre
+    spec = sampling_spec(pre)
+    other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
+    rows = read_range(pre.csv, job.columns, rng, video_root=pre.video_root, path_template=pre.path_template)
+    samples = ShardSamples(pre.output, rng.shard, job.identity, job.latent_shape, job.text_shape)
+    counts = {"ok": 0, "skipped": 0, "error": 0}
+    encode_times: list[tuple[float, int]] = []
+    submit = _encode_submitter(job, rng.shard, encoders)
+    in_flight: deque[tuple[list[Outcome], Any]] = deque()  # batches sent, oldest first
+    done: list[Outcome] = []  # outcomes in row order, waiting for earlier batches
+
+    def settle(block: bool) -> None:
+        while in_flight and (block or len(in_flight) >= 2):
+            outcomes, result = in_flight.popleft()
+            _apply(outcomes, result, job, encode_times)
+            flush_ready()
+
+    def flush_ready() -> None:
+        # rows before the oldest batch still encoding are final: add them in order
+        first_pending = in_flight[0][0][0].ordinal if in_flight else None
+        while done and (first_pending is None or done[0].ordinal < first_pending):
+            o = done.pop(0)
+            counts[o.status] += 1
+            samples.add(o)
+
+    try:
+        batch: list[tuple[Outcome, np.ndarray]] = []
+        for k, row in enumerate(rows):
+            clip, o = decode_row(row, spec, other_exts)
+            o.ordinal = rng.first + k
+            done.append(o)
+            if clip is not None:
+                o.meta = _sample_meta(row, pre, o.meta or {})
+                batch.append((o, clip))
+            if len(batch) >= job.clips_per_batch or (k == len(rows) - 1 and batch):
+                in_flight.append(([b[0] for b in batch], submit([b[1] for b in batch], [b[0].row.caption for b in batch])))
+                batch = []
+                settle(block=False)
+        settle(block=True)
+        flush_ready()
+        record = samples.commit()
+    except BaseException:
+        samples.abort()
+        raise
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {"record": record,
+            "stats": {"node": node, "pid": os.getpid(), "counts": counts, "encode": encode_times}}
+
+
+def _encode_submitter(job: ShardJob, shard: int, encoders: list[Any] | None) -> Callable[..., Any]:
+    """A function (clips, captions) -> a pending or finished encode result."""
+    if not encoders:
+        encoder = local_encoder(job)
+
+        def here(clips: list[np.ndarray], captions: list[str]) -> Any:
             try:
-                t0 = time.perf_counter()
-                clips = np.stack([np.load(io.BytesIO(batch["frames"][i]), allow_pickle=False) for i in ok])
-                lat = self.encoder.encode_frames(clips)
-                text = self.encoder.encode_text([str(batch["caption"][i]) for i in ok])
-                per_clip = (time.perf_counter() - t0) / len(ok)
-                for j, i in enumerate(ok):
-                    latents[i] = npy_bytes(lat[j])
-                    texts[i] = npy_bytes(text[j]) if text is not None else b""
-                    seconds[i] = per_clip
+                return encoder.encode(np.stack(clips), captions)
             except Exception as e:  # noqa: BLE001 - recorded per video in the errors manifest
-                for i in ok:
-                    status[i], stage[i], reason[i] = "error", "encode", f"{type(e).__name__}: {e}"
-        out = {k: v for k, v in batch.items() if k != "frames"}
-        out.update(status=np.array(status, dtype=object), stage=np.array(stage, dtype=object),
-                   reason=np.array(reason, dtype=object), latents=np.array(latents, dtype=object),
-                   text=np.array(texts, dtype=object), encode_seconds=np.array(seconds))
-        return out
+                return e
+        return here
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    local = [a for a, node in encoders if node == mine] or [a for a, _ in encoders]
+    turn = iter(range(shard, 1 << 62))
+
+    def remote(clips: list[np.ndarray], captions: list[str]) -> Any:
+        return local[next(turn) % len(local)].encode.remote(np.stack(clips), captions)
+    return remote
+
+
+def _apply(outcomes: list[Outcome], result: Any, job: ShardJob, encode_times: list[tuple[float, int]]) -> None:
+    """Put a batch's encode result (or its failure) into its outcomes."""
+    if not isinstance(result, (tuple, Exception)):  # an actor's pending result
+        import ray
+
+        try:
+            result = ray.get(result)
+        except ray.exceptions.RayTaskError as e:  # the encoder raised: these videos' error
+            result = e.cause if isinstance(e.cause, Exception) else e
+    if isinstance(result, Exception):
+        for o in outcomes:
+            o.status, o.stage, o.reason = "error", "encode", f"{type(result).__name__}: {result}"
+        return
+    lat, text, per_clip = result
+    for j, o in enumerate(outcomes):
+        o.latents = lat[j]
+        o.text = text[j] if text is not None else None
+    encode_times.append((per_clip, len(outcomes)))
 
 
 # --------------------------------------------------------------------------- driver
@@ -165,51 +312,10 @@ def _fingerprint(pre: PreprocessConfig, codec: dict[str, Any], text: dict[str, A
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) -> dict[str, Any]:
-    return {"videoid": row.videoid, "caption": row.caption, "source_url": row.url,
-            "fps": pre.fps, "frame_stride": pre.frame_stride, "start_offset": pre.start_offset,
-            "num_frames": pre.num_frames, "resolution": pre.resolution, "duration": row.duration,
-            "page_dir": row.page_dir, "extra": json.loads(row.extra), **decoded}
-
-
-def _outcome(rec: dict[str, Any], row: VideoRow, pre: PreprocessConfig) -> Outcome:
-    o = Outcome(ordinal=int(rec["ordinal"]), row=row, status=str(rec["status"]),
-                stage=str(rec["stage"]), reason=str(rec["reason"]))
-    if o.status == "ok":
-        o.latents = np.load(io.BytesIO(rec["latents"]), allow_pickle=False)
-        o.text = np.load(io.BytesIO(rec["text"]), allow_pickle=False) if rec["text"] else None
-        o.meta = _sample_meta(row, pre, json.loads(rec["meta"]))
-    return o
-
-
-def _build_dataset(items: list[dict[str, Any]], pre: PreprocessConfig, codec: CodecConfig):
-    import ray
-    import ray.data
-
-    from trip.log import quiet_dependencies
-
-    quiet_dependencies()  # again: importing ray.data configures its loggers afresh
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts videos and errors
-    ctx.print_on_execution_start = False
-    ctx.execution_options.preserve_order = True  # shards complete one after another
-    spec = sampling_spec(pre)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    actors = max(1, min(pre.encode_actors, int(gpus))) if gpus else max(1, pre.encode_actors)
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-    # the memory hint (one video held while decoding) also keeps decoding in CPU tasks: Ray
-    # Data would otherwise fuse it into the encode actors, serialising decode behind encode
-    # `{ext}` is a guess from contentUrl: the decode task looks for the other extensions itself
-    other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
-    ds = ds.map(decode_row, fn_kwargs={"spec": spec, "other_exts": other_exts}, num_cpus=1,
-                memory=_DECODE_MEMORY)
-    return ds.map_batches(
-        EncodeActor, fn_constructor_kwargs={
-            "codec": codec, "text_encoder": pre.text_encoder,
-            "max_text_length": pre.max_text_length, "batch_size": pre.encode_batch_size},
-        batch_size=max(1, pre.encode_batch_size // pre.num_frames), batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=1)
+def plan_identity(plan: CSVPlan, per_shard: int) -> str:
+    """Which rows each shard holds: the CSV's bytes, how many rows were kept, rows a shard."""
+    what = [plan.digest, len(plan), per_shard]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -219,81 +325,128 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-ShardCallback = Callable[[int, dict[str, Any]], None]
+ShardCallback = Callable[[int, dict[str, Any], dict[str, Any]], None]
 
 
 def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool = True,
                    on_shard_committed: ShardCallback | None = None) -> JobResult:
     """Run (or resume) the job; returns what it did.
 
-    `on_shard_committed(shard, record)` is called in the driver after each shard this run
-    commits (its progress record: samples, errors, bytes), e.g. to report progress elsewhere;
-    an exception it raises stops the job with everything committed so far kept."""
+    `on_shard_committed(shard, record, stats)` is called in the driver after each shard this
+    run commits, with its progress record (samples, errors, bytes) and the task's stats (the
+    node and pid that wrote it, counts by status), e.g. to report progress elsewhere; an
+    exception it raises stops the job with everything committed so far kept."""
     from data_tools.encode import codec_identity, latent_shape, text_encoder_identity
 
     t0 = time.perf_counter()
     if not pre.csv or not pre.output:
         raise ConfigError("preprocess.csv and preprocess.output must be set")
-    found = read_rows(pre.csv, video_root=pre.video_root, path_template=pre.path_template,
-                      min_duration=pre.min_duration, max_duration=pre.max_duration, limit=pre.limit,
-                      strict=pre.strict_csv)
-    if found.rejected:
-        log.warning(f"{pre.csv}: {len(found.rejected)} rows rejected (first: line {found.rejected[0].line} "
-                    f"{found.rejected[0].reason}); they are listed in the errors manifest")
+    plan = scan_csv(pre.csv, video_root=pre.video_root, min_duration=pre.min_duration,
+                    max_duration=pre.max_duration, limit=pre.limit, strict=pre.strict_csv)
+    check_template(pre.csv, plan.columns, pre.video_root, pre.path_template)
+    if plan.rejected:
+        log.warning(f"{pre.csv}: {len(plan.rejected)} rows rejected (first: line {plan.rejected[0].line} "
+                    f"{plan.rejected[0].reason}); they are listed in the errors manifest")
     ident = codec_identity(codec)
     text_ident = text_encoder_identity(pre.text_encoder, pre.max_text_length)
     lat_shape = latent_shape(codec, pre.num_frames, pre.resolution)
     text_shape = [pre.max_text_length, text_ident["hidden_size"]] if text_ident else None
     per_shard = rows_per_shard(pre.samples_per_shard, pre.max_shard_bytes,
                                estimate_sample_bytes(lat_shape, text_shape))
-    writer = ShardPlanWriter(pre.output, found.rows, per_shard,
-                             fingerprint=_fingerprint(pre, ident, text_ident, per_shard),
-                             latent_shape=lat_shape, text_shape=text_shape)
-    records = writer.committed()
-    pending = [s for s in range(len(writer.shards)) if s not in records]
+    identity = {"fingerprint": _fingerprint(pre, ident, text_ident, per_shard),
+                "plan": plan_identity(plan, per_shard)}
+    num_shards = plan.num_shards(per_shard)
+    manifest = Manifest(pre.output, identity)
+    done_before = manifest.load(num_shards)
+    pending = [s for s in range(num_shards) if s not in done_before]
     counts = {"ok": 0, "skipped": 0, "error": 0}
     if pending:
+        job = ShardJob(pre=pre, codec=codec, columns=plan.columns, identity=identity,
+                       latent_shape=lat_shape, text_shape=text_shape)
         with ray_session():
-            _run_pending(writer, pending, records, pre, codec, counts, progress, on_shard_committed)
+            _run_pending(job, plan, per_shard, pending, manifest, counts, progress, on_shard_committed)
     extra = {"sampling": {"num_frames": pre.num_frames, "fps": pre.fps, "frame_stride": pre.frame_stride,
                           "start_offset": pre.start_offset, "resolution": pre.resolution}}
-    index = writer.finish(records, codec=ident, text_encoder=text_ident, extra=extra,
-                          rejected=found.rejected, csv_url=pre.csv)
-    return JobResult(shards=len(writer.shards), shards_skipped=len(writer.shards) - len(pending),
+    index = finish(pre.output, manifest.records, num_shards, latent_shape=lat_shape, text_shape=text_shape,
+                   codec=ident, text_encoder=text_ident, extra=extra, num_rows=len(plan),
+                   rejected=plan.rejected, csv_url=pre.csv)
+    manifest.compact()
+    return JobResult(shards=num_shards, shards_skipped=num_shards - len(pending),
                      ok=counts["ok"], skipped=counts["skipped"], errors=counts["error"],
-                     rejected_rows=len(found.rejected), seconds=time.perf_counter() - t0, index=index)
+                     rejected_rows=len(plan.rejected), seconds=time.perf_counter() - t0, index=index)
 
 
-def _run_pending(writer: ShardPlanWriter, pending: list[int], records: dict[int, dict[str, Any]],
-                 pre: PreprocessConfig, codec: CodecConfig, counts: dict[str, int], progress: bool,
-                 on_shard_committed: ShardCallback | None) -> None:
-    """Stream the pending shards' rows through Ray Data and commit each shard when complete."""
-    rows = writer.rows
-    items = [{"ordinal": i, "shard": s, "videoid": rows[i].videoid, "url": rows[i].url,
-              "caption": rows[i].caption} for s in pending for i in writer.shards[s]]
-    buffers: dict[int, list[Outcome]] = defaultdict(list)
-    bar = _progress_bar(len(rows), len(rows) - len(items), progress)
+def _encoder_pool(job: ShardJob) -> list[tuple[Any, str]] | None:
+    """Encoder actors and their nodes, or None when shard tasks encode themselves."""
+    import ray
+
+    pre = job.pre
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if pre.encode_on == "tasks" or (pre.encode_on == "auto" and not gpus):
+        return None
+    per_actor = pre.encode_gpus_per_actor if gpus else 0
+    count = max(1, min(pre.encode_actors, int(gpus / per_actor))) if per_actor else max(1, pre.encode_actors)
+    cls = ray.remote(Encoder).options(num_gpus=per_actor, num_cpus=1)
+    actors = [cls.remote(job.codec, pre.text_encoder, pre.max_text_length, pre.encode_batch_size)
+              for _ in range(count)]
+    nodes = ray.get([a.node.remote() for a in actors])
+    return list(zip(actors, nodes, strict=True))
+
+
+def _run_pending(job: ShardJob, plan: CSVPlan, per_shard: int, pending: list[int], manifest: Manifest,
+                 counts: dict[str, int], progress: bool, on_shard_committed: ShardCallback | None) -> None:
+    """Run a task per pending shard, at most `shards_in_flight` at once, and note each record."""
+    import ray
+
+    pre = job.pre
+    encoders = _encoder_pool(job)
+    task = ray.remote(write_shard).options(
+        num_cpus=1, memory=_DECODE_MEMORY, scheduling_strategy="SPREAD",
+        max_retries=3, retry_exceptions=[OSError])  # storage hiccups; a video's failure is its error line
+    limit = pre.shards_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    job_ref = ray.put(job)
+    todo = deque(pending)
+    running: dict[Any, int] = {}
+    bar = _progress_bar(len(plan), len(plan) - sum(min(per_shard, len(plan) - s * per_shard) for s in pending),
+                        progress)
     try:
-        for rec in _build_dataset(items, pre, codec).iter_rows():
-            shard, row = int(rec["shard"]), rows[int(rec["ordinal"])]
-            outcome = _outcome(rec, row, pre)
-            counts[outcome.status] += 1
-            metrics.VIDEOS.labels(status=outcome.status).inc()
-            if outcome.status == "ok":
-                metrics.ENCODE_SECONDS.observe(float(rec["encode_seconds"]))
-            buffers[shard].append(outcome)
-            bar.update(1)
-            bar.set_postfix(skipped=counts["skipped"], errors=counts["error"], refresh=False)
-            if len(buffers[shard]) < len(writer.shards[shard]):
-                continue
-            records[shard] = writer.commit(shard, buffers.pop(shard))
-            if records[shard]["info"]:
-                metrics.BYTES.inc(records[shard]["info"]["bytes"])
-            metrics.SHARDS.inc()
-            if on_shard_committed is not None:
-                on_shard_committed(shard, records[shard])
+        while todo or running:
+            while todo and len(running) < limit:
+                shard = todo.popleft()
+                running[task.remote(job_ref, plan.shard(shard, per_shard), encoders)] = shard
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                shard = running.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise RuntimeError(f"shard {shard} of {pre.output} failed: {e.cause or e}") from e
+                record, stats = out["record"], out["stats"]
+                manifest.add(record)
+                _count(stats, record, counts)
+                bar.update(sum(stats["counts"].values()))
+                bar.set_postfix(skipped=counts["skipped"], errors=counts["error"], refresh=False)
+                if on_shard_committed is not None:
+                    on_shard_committed(shard, record, stats)
+                manifest.maybe_flush()
     finally:
+        for ref in running:  # stopped early: what is not committed is redone by the next run
+            ray.cancel(ref)
+        manifest.flush()
         bar.close()
+
+
+def _count(stats: dict[str, Any], record: dict[str, Any], counts: dict[str, int]) -> None:
+    for status, n in stats["counts"].items():
+        counts[status] += n
+        if n:
+            metrics.VIDEOS.labels(status=status).inc(n)
+    for per_clip, n in stats["encode"]:
+        for _ in range(n):
+            metrics.ENCODE_SECONDS.observe(per_clip)
+    if record["info"]:
+        metrics.BYTES.inc(record["info"]["bytes"])
+    metrics.SHARDS.inc()
 
 
 # --------------------------------------------------------------------------- entry points

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write every frame side by side as a lossless PNG")
     p.set_defaults(func=_dispatch("trip.sampling:cli"))
 
-    p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray Data job)")
+    p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray job, a task a shard)")
     add_config_args(p)
     p.set_defaults(func=_dispatch("pipelines.preprocess:cli"))
 

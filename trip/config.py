@@ -194,7 +194,10 @@ class PreprocessConfig:
     text_encoder: str | None = None  # diffusers dir with text_encoder/ + tokenizer/; null: none
     max_text_length: int = 77  # tokenizer max length (text states are [L, D])
     encode_batch_size: int = 16  # frames per codec call
-    encode_actors: int = 1  # encoder actor pool size
+    encode_actors: int = 1  # encoder actor pool size (when clips are encoded by actors, see encode_on)
+    encode_on: str = "auto"  # auto: actors when the cluster has GPUs, else in the shard tasks; or actors | tasks
+    encode_gpus_per_actor: float = 1.0  # GPUs each encoder actor takes (on a GPU cluster)
+    shards_in_flight: int = 0  # shard tasks submitted at once; 0: the cluster's CPU count
     decode_threads: int = 1  # PyAV decoding threads per task
     metrics_port: int = 0  # Prometheus exporter of the job driver; 0 disables
 
@@ -203,6 +206,12 @@ class PreprocessConfig:
             raise ValueError("set exactly one of preprocess.fps and preprocess.frame_stride")
         if self.samples_per_shard < 1:
             raise ValueError("preprocess.samples_per_shard must be >= 1")
+        if self.encode_on not in ("auto", "actors", "tasks"):
+            raise ValueError(f"preprocess.encode_on must be auto, actors or tasks, got {self.encode_on!r}")
+        if self.encode_gpus_per_actor <= 0:
+            raise ValueError("preprocess.encode_gpus_per_actor must be > 0")
+        if self.shards_in_flight < 0:
+            raise ValueError("preprocess.shards_in_flight must be >= 0 (0: the cluster's CPU count)")
 
 
 # --------------------------------------------------------------------------- training

@@ -1,4 +1,4 @@
-"""The write stage: shard plan, committed records, foreign records refused, index + errors."""
+"""The write stage: shards committed from outcomes, the progress manifest, index + errors."""
 
 from __future__ import annotations
 
@@ -12,15 +12,20 @@ from data_tools.shards import read_index, read_shard
 from data_tools.webvid import RejectedRow, VideoRow
 from data_tools.write import (
     ERRORS_NAME,
+    PROGRESS_DIR,
+    RECORDS_NAME,
     JobMismatchError,
+    Manifest,
     Outcome,
-    ShardPlanWriter,
+    ShardSamples,
     estimate_sample_bytes,
-    plan,
+    finish,
     rows_per_shard,
+    write_shard_samples,
 )
 
 SHAPE = [2, 3, 2, 2]
+IDENTITY = {"fingerprint": "fp", "plan": "p1"}
 
 
 def _rows(n: int) -> list[VideoRow]:
@@ -35,13 +40,8 @@ def _outcome(rows: list[VideoRow], i: int, bad: bool = False) -> Outcome:
     return Outcome(i, rows[i], "ok", latents=lat, meta={"videoid": rows[i].videoid})
 
 
-def _writer(out: str, rows: list[VideoRow], fingerprint: str = "fp") -> ShardPlanWriter:
-    return ShardPlanWriter(out, rows, 2, fingerprint=fingerprint, latent_shape=SHAPE, text_shape=None)
-
-
-def test_plan_is_positional() -> None:
-    assert plan(_rows(5), 2) == [[0, 1], [2, 3], [4]]
-    assert plan([], 2) == []
+def _commit(out: str, shard: int, outcomes: list[Outcome], identity: dict = IDENTITY) -> dict:
+    return write_shard_samples(out, shard, outcomes, identity, SHAPE, None)
 
 
 def test_rows_per_shard_respects_the_byte_target() -> None:
@@ -52,20 +52,29 @@ def test_rows_per_shard_respects_the_byte_target() -> None:
     assert rows_per_shard(1000, 1, per_sample) == 1
 
 
-def test_commit_resume_and_finish(tmp_path) -> None:
+def test_shards_records_manifest_and_finish(tmp_path) -> None:
     out, rows = str(tmp_path / "ds"), _rows(5)
-    w = _writer(out, rows)
-    w.commit(1, [_outcome(rows, 3), _outcome(rows, 2, bad=True)])  # order of arrival is free
-    assert set(w.committed()) == {1}
-    # a new writer (a rerun) sees the same committed shard
-    w2 = _writer(out, rows)
-    records = w2.committed()
-    records[0] = w2.commit(0, [_outcome(rows, 0), _outcome(rows, 1)])
-    records[2] = w2.commit(2, [_outcome(rows, 4, bad=True)])  # every row failed: no tar
+    manifest = Manifest(out, IDENTITY, flush_every=2)
+    assert manifest.load(3) == {}
+    manifest.add(_commit(out, 1, [_outcome(rows, 3), _outcome(rows, 2, bad=True)]))  # any arrival order
+    manifest.maybe_flush()  # 1 record < flush_every: nothing written yet
+    assert not os.path.exists(os.path.join(out, PROGRESS_DIR))
+    manifest.flush()
+    # a rerun discovers the committed shard from the manifest's one listing
+    again = Manifest(out, IDENTITY, flush_every=2)
+    assert set(again.load(3)) == {1}
+    again.add(_commit(out, 0, [_outcome(rows, 0), _outcome(rows, 1)]))
+    again.add(_commit(out, 2, [_outcome(rows, 4, bad=True)]))  # every row failed: no tar
+    again.maybe_flush()  # 2 records: a second segment
+    assert sorted(os.listdir(os.path.join(out, PROGRESS_DIR))) == ["records-000000.jsonl", "records-000001.jsonl"]
     assert not os.path.exists(os.path.join(out, "shard-000002.tar"))
-    index = w2.finish(records, codec={"kind": "lossless", "scaling_factor": 1.0}, text_encoder=None,
-                      extra={"sampling": {}}, csv_url="/in/results.csv",
-                      rejected=[RejectedRow(7, "3", "repeats videoid 3 (first on line 5)")])
+    index = finish(out, again.records, 3, latent_shape=SHAPE, text_shape=None,
+                   codec={"kind": "lossless", "scaling_factor": 1.0}, text_encoder=None,
+                   extra={"sampling": {}}, num_rows=5, csv_url="/in/results.csv",
+                   rejected=[RejectedRow(7, "3", "repeats videoid 3 (first on line 5)")])
+    again.compact()
+    assert os.listdir(os.path.join(out, PROGRESS_DIR)) == [RECORDS_NAME]
+    assert set(Manifest(out, IDENTITY).load(3)) == {0, 1, 2}  # the compacted manifest reads the same
     assert index == read_index(out)
     assert [s["name"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     assert index["num_samples"] == 3 and index["num_rows"] == 5 and index["num_errors"] == 3
@@ -82,6 +91,15 @@ def test_commit_resume_and_finish(tmp_path) -> None:
     np.testing.assert_allclose(index["latent_mean"], [4 / 3] * 3)
 
 
+def test_a_shard_is_written_the_same_whoever_writes_it(tmp_path) -> None:
+    """The rerun guarantee rests on this: a shard's bytes depend on its rows only."""
+    rows = _rows(3)
+    for name in ("a", "b"):
+        _commit(str(tmp_path / name), 0, [_outcome(rows, i) for i in (2, 0, 1)][:: 1 if name == "a" else -1])
+    with open(tmp_path / "a" / "shard-000000.tar", "rb") as fa, open(tmp_path / "b" / "shard-000000.tar", "rb") as fb:
+        assert fa.read() == fb.read()
+
+
 def test_jobs_started_before_strict_csv_and_ext_keep_their_fingerprint() -> None:
     """A job started with the old default template resumes when that template is set
     explicitly: the value is what the code before `strict_csv` and `{ext}` computed."""
@@ -96,23 +114,26 @@ def test_jobs_started_before_strict_csv_and_ext_keep_their_fingerprint() -> None
 
 def test_records_of_another_job_are_refused(tmp_path) -> None:
     out, rows = str(tmp_path / "ds"), _rows(4)
-    _writer(out, rows).commit(0, [_outcome(rows, 0), _outcome(rows, 1)])
+    manifest = Manifest(out, IDENTITY)
+    manifest.add(_commit(out, 0, [_outcome(rows, 0), _outcome(rows, 1)]))
+    manifest.flush()
     with pytest.raises(JobMismatchError, match="different preprocessing job"):
-        _writer(out, rows, fingerprint="other").committed()
-    changed = [rows[1], rows[0], *rows[2:]]  # CSV rows reordered
-    with pytest.raises(JobMismatchError, match="shard-000000.json"):
-        _writer(out, changed).committed()
+        Manifest(out, {**IDENTITY, "fingerprint": "other"}).load(2)
+    with pytest.raises(JobMismatchError, match="records-000000.jsonl lists shard-000000.tar"):
+        Manifest(out, {**IDENTITY, "plan": "rows reordered"}).load(2)
 
 
-def test_commit_checks_rows_and_shapes(tmp_path) -> None:
+def test_samples_are_checked_and_a_failed_shard_leaves_nothing(tmp_path) -> None:
     out, rows = str(tmp_path / "ds"), _rows(4)
-    w = _writer(out, rows)
-    with pytest.raises(ValueError, match="planned"):
-        w.commit(0, [_outcome(rows, 0)])
     wrong = _outcome(rows, 1)
     wrong.latents = np.zeros([2, 3, 4, 4], np.float16)
     with pytest.raises(ValueError, match="video 1: latents"):
-        w.commit(0, [_outcome(rows, 0), wrong])
-    assert w.committed() == {} and not os.path.exists(os.path.join(out, "shard-000000.tar"))
+        _commit(out, 0, [_outcome(rows, 0), wrong])
+    assert not os.path.exists(out) or os.listdir(out) == []
+    samples = ShardSamples(out, 0, IDENTITY, SHAPE, None)
+    samples.add(_outcome(rows, 1))
+    with pytest.raises(ValueError, match="row 0 arrived after row 1"):
+        samples.add(_outcome(rows, 0))
+    samples.abort()
     with pytest.raises(ValueError, match="not committed"):
-        w.finish({}, codec={}, text_encoder=None, extra={})
+        finish(out, {}, 1, latent_shape=SHAPE, text_shape=None, codec={}, text_encoder=None, extra={}, num_rows=4)
