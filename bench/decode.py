@@ -5,18 +5,25 @@
    selects the same source frames with the same area filter and crop and pipes rgb24
    out. Both single-threaded per clip, timed alternately; the frames are compared first
    so the two sides provably do the same work.
-2. job: end-to-end clips/s of `run_preprocess` (Ray Data on the local CPUs, started
-   before timing) with the lossless codec and with an AutoencoderKL of Stable Diffusion's
-   size (random weights), against the same stages run in one process without Ray.
+2. job: end-to-end clips/s of `run_preprocess` (shard tasks on the local CPUs, Ray
+   started before timing; the job also writes and commits the shards) with the lossless
+   codec and with an AutoencoderKL of Stable Diffusion's architecture (random weights),
+   against the same decode + encode stages run one clip after another in one process
+   without Ray (torch free to use every core there). 256 rows each by default (the videos
+   repeat as distinct rows). The VAE run samples 64x64 frames (`--vae-resolution`): at
+   256^2 one CPU clip takes seconds and 256 of them would take most of an hour.
 
-Videos are synthetic 596x336 H.264 at 24 fps (WebVid's typical size), 5 s long.
+Videos are synthetic 596x336 H.264 at 24 fps (WebVid's typical size), 5 s long. Ends with
+one JSON line of the figures.
 
-    python -m bench.decode [--clips 8] [--job-clips 32] [--vae-clips 2] [--no-vae]
+    python -m bench.decode [--clips 8] [--job-clips 256] [--vae-clips 256] [--no-vae]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -75,26 +82,27 @@ def bench_decode(paths: list[str], iters: int) -> list[dict]:
     return [row("decode", "clips/s (16x256^2, 1 thread)", n / t_ours, "ffmpeg CLI subprocess", n / t_ffmpeg)]
 
 
-def _job_configs(csv_path: str, out: str, codec_kind: str, model_dir: str | None):
+def _job_configs(csv_path: str, out: str, codec_kind: str, model_dir: str | None, spec: SamplingSpec):
     from trip.config import CodecConfig, PreprocessConfig
 
-    pre = PreprocessConfig(csv=csv_path, output=out, num_frames=SPEC.num_frames, fps=SPEC.fps,
-                           resolution=SPEC.resolution, samples_per_shard=4, encode_batch_size=16)
+    pre = PreprocessConfig(csv=csv_path, output=out, num_frames=spec.num_frames, fps=spec.fps,
+                           resolution=spec.resolution, samples_per_shard=16, encode_batch_size=16)
     codec = (CodecConfig(kind="lossless", downscale=8) if codec_kind == "lossless"
              else CodecConfig(kind="vae", path=model_dir))
     return pre, codec
 
 
-def _in_process(paths: list[str], codec) -> None:
+def _in_process(paths: list[str], codec, spec: SamplingSpec) -> None:
     """The baseline: decode and encode every clip one after another in this process."""
     from data_tools.encode import ClipEncoder
 
     encoder = ClipEncoder(codec, batch_size=16, device="cpu")
     for p in paths:
-        encoder.encode_frames(decode_clip(p, SPEC).frames[None])
+        encoder.encode_frames(decode_clip(p, spec).frames[None])
 
 
-def bench_job(folder: str, paths: list[str], codec_kind: str, model_dir: str | None) -> dict:
+def bench_job(folder: str, paths: list[str], codec_kind: str, model_dir: str | None,
+              spec: SamplingSpec = SPEC) -> dict:
     """Time the job and the in-process baseline on `paths` (a file may repeat as distinct rows)."""
     from pipelines.preprocess import run_preprocess
 
@@ -102,9 +110,9 @@ def bench_job(folder: str, paths: list[str], codec_kind: str, model_dir: str | N
              "name": f"clip {i}"} for i, p in enumerate(paths)]
     csv_path = write_csv(os.path.join(folder, f"{codec_kind}.csv"), rows)
     out = os.path.join(folder, f"out-{codec_kind}")
-    pre, codec = _job_configs(csv_path, out, codec_kind, model_dir)
+    pre, codec = _job_configs(csv_path, out, codec_kind, model_dir, spec)
     t0 = time.perf_counter()
-    _in_process(paths, codec)
+    _in_process(paths, codec, spec)
     t_base = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -113,15 +121,16 @@ def bench_job(folder: str, paths: list[str], codec_kind: str, model_dir: str | N
     assert result.ok == len(paths), result
     n = len(paths)
     label = "lossless" if codec_kind == "lossless" else "SD-size VAE"
-    return row(f"preprocess job ({label})", "clips/s (Ray Data, CPU)", n / t_job,
+    return row(f"preprocess job ({label}, {n} clips, {spec.resolution}^2)", "clips/s (Ray tasks, CPU)", n / t_job,
                "same stages in one process", n / t_base)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=8, help="distinct videos (the decode comparison)")
-    ap.add_argument("--job-clips", type=int, default=32, help="rows for the lossless job (videos repeat)")
-    ap.add_argument("--vae-clips", type=int, default=2, help="clips for the SD-size VAE run")
+    ap.add_argument("--job-clips", type=int, default=256, help="rows for the lossless job (videos repeat)")
+    ap.add_argument("--vae-clips", type=int, default=256, help="rows for the SD-size VAE job (videos repeat)")
+    ap.add_argument("--vae-resolution", type=int, default=64, help="frame size of the VAE job")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--no-vae", action="store_true", help="skip the SD-size VAE job")
     args = ap.parse_args(argv)
@@ -142,8 +151,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
                 model_dir = save_random_vae(os.path.join(folder, "sd-vae"), block_out_channels=SD_VAE_BLOCKS,
                                             latent_channels=4, layers_per_block=2, norm_num_groups=32)
-                rows.append(bench_job(folder, paths[:args.vae_clips], "vae", model_dir))
+                vae_paths = [paths[i % len(paths)] for i in range(args.vae_clips)]
+                rows.append(bench_job(folder, vae_paths, "vae", model_dir,
+                                      dataclasses.replace(SPEC, resolution=args.vae_resolution)))
     print_table(rows)
+    figures = {"decode_ratio_vs_ffmpeg": rows[0]["ratio"]}
+    for r, key in zip(rows[1:], ("job_ratio_lossless", "job_ratio_vae"), strict=False):
+        figures[key] = r["ratio"]
+    print(json.dumps({"bench": "decode", **{k: round(v, 3) for k, v in figures.items()}}))
     return rows
 
 
