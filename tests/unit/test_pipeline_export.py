@@ -89,6 +89,60 @@ def test_export_layout_model_index_card_and_run_record(exported):
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "TRIPPipeline.from_pretrained" in card
     assert "steps trained | 3" in card and "block_out_channels" in card  # figures and the training config
+    assert "No validation figures recorded: the run did not validate (`train.validate_every` = 0)." in card
+
+
+def _card(root: Path, out: Path) -> str:
+    from trip.train.export import export_checkpoint
+
+    export_checkpoint(str(root), str(out), use_ema=False)
+    return (out / "README.md").read_text()
+
+
+def test_the_card_shows_the_latest_validation_the_run_recorded_up_to_the_checkpoint(tmp_path):
+    from trip.train import checkpoint as ckpt
+    from trip.train.validation import RESULT
+
+    cfg = load_config(TINY, ["data.validation=/data/held-out", "train.checkpoint_every=2",
+                             "train.validate_every=2"])
+    root = fake_checkpoint(tmp_path / "runs" / "r", step=4, cfg=cfg)
+    run = ckpt.RunDir(str(tmp_path / "runs"), "r")
+    none = _card(root, tmp_path / "none")  # validating, but nothing finished yet
+    assert "No validation figures recorded: none had completed by step 4 (`train.validate_every` = 2)." in none
+    assert run.latest_validation() is None
+
+    def result(step: int, figures: dict | None) -> None:  # what `validate_checkpoint` writes
+        out = tmp_path / "runs" / "r" / "validation" / ckpt.step_name(step)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contact_sheet.png").write_bytes(b"png")
+        if figures is not None:
+            (out / RESULT).write_text(json.dumps(figures))
+
+    clips = {"000000000": {"psnr": 27.5}, "000000001": {"psnr": 26.5}}
+    result(2, {"loss": 0.04321, "loss_rises": 0, "samples": 3, "psnr": 27.5, "ssim": 0.8125,
+               "displacement_ratio": 0.625, "displacement_ratio_min": 0.5, "per_clip": clips})
+    result(4, None)  # under way (or cut off): no result.json, not a validation
+    result(6, {"loss": 0.9876, "samples": 3})  # after the exported checkpoint: not its figures
+    assert run.latest_validation()[0] == 6 and run.latest_validation(at_most=5)[0] == 2
+    card = _card(root, tmp_path / "at2")
+    assert "The run's latest validation is of step 2 (not of this checkpoint, step 4" in card
+    for row in ("| step | 2 |", "| held-out samples in the loss | 3 |", "| sample videos scored | 2 |",
+                "| validation loss (noise MSE, fixed noise and timesteps) | 0.04321 |",
+                "| PSNR of the sample videos vs their clips (dB) | 27.5 |",
+                "| SSIM of the sample videos vs their clips | 0.8125 |",
+                "| motion: displacement ratio (1 = moves as far as the clip) | 0.625 |",
+                "| motion: worst clip's displacement ratio | 0.5 |"):
+        assert row in card, row
+    assert "0.9876" not in card  # step 6's loss is nowhere
+    assert "direction error" not in card  # a figure the validation did not have gets no row
+
+    result(4, {"loss": 0.03125, "samples": 3, "per_clip": {}})  # its own validation, without videos
+    card = _card(root, tmp_path / "at4")
+    assert "The run's latest validation is of step 4: its EMA weights on" in card
+    assert "not of this checkpoint" not in card
+    assert "| validation loss (noise MSE, fixed noise and timesteps) | 0.03125 |" in card
+    assert "| sample videos scored | 0 |" in card and "PSNR" not in card
+    assert "No validation figures recorded" not in card
 
 
 def _reference_frames(model, codec, images: torch.Tensor, steps: int, seed: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ Layout, under the run directory `<run.storage_path>/<run.name>` (any fsspec URL 
         universal/, universal.json              DeepSpeed's universal checkpoint, made once, by the
                                                 first resume at another world size
     history/step-000001000.jsonl                per-step loss/throughput rows up to that checkpoint
+    validation/step-000001000/result.json       that checkpoint's validation figures, written last
+                                                (beside its sample videos; `trip.train.validation`)
     summary.json, training.png                  end-of-run report
 
 Why it is shaped like this, at 512 ranks:
@@ -147,6 +149,24 @@ class RunDir:
         from trip.train.validation import RESULT
 
         return storage.exists(storage.join(self.validation_url(step), RESULT))
+
+    def latest_validation(self, at_most: int | None = None) -> tuple[int, dict[str, Any]] | None:
+        """(step, figures) of the newest complete validation (optionally at or before step
+        `at_most`): its `result.json`, written last. None when the run recorded none."""
+        from trip.train.validation import RESULT
+
+        self.fs.invalidate_cache()
+        try:
+            entries = self.fs.ls(self._p("validation"), detail=False)
+        except FileNotFoundError:
+            return None
+        steps = [int(m.group(1)) for e in entries if (m := _STEP_DIR.match(e.rstrip("/").rsplit("/", 1)[-1]))]
+        for step in sorted((s for s in steps if at_most is None or s <= at_most), reverse=True):
+            try:
+                return step, json.loads(storage.read_bytes(storage.join(self.validation_url(step), RESULT)))
+            except FileNotFoundError:
+                continue  # under way, or cut off before its result: not a validation yet
+        return None
 
     def awaiting_validation(self, step: int) -> bool:
         return bool(self.validate_every) and step % self.validate_every == 0 and not self.validated(step)

@@ -218,7 +218,8 @@ def _copy_files(src: str, dest: str) -> None:
 def write_run_files(local: str, cfg: Any, found: ckpt.Found, kind: str, run: ckpt.RunDir,
                     adapter: bool = False) -> None:
     """`trip.json` (where the weights came from, the whole run config) and the model card
-    (`adapter`: the directory holds LoRA adapters of the run's base model only)."""
+    (`adapter`: the directory holds LoRA adapters of the run's base model only), with the
+    run's loss history and its latest validation up to this checkpoint."""
     from trip.config import to_dict
     from trip.train.report import summarize
 
@@ -228,8 +229,9 @@ def write_run_files(local: str, cfg: Any, found: ckpt.Found, kind: str, run: ckp
     with open(os.path.join(local, layout.RUN_RECORD), "w") as fh:
         json.dump(record, fh, indent=2)
     figures = summarize(run.history(up_to=found.step))
+    validation = run.latest_validation(at_most=found.step)
     with open(os.path.join(local, "README.md"), "w") as fh:
-        fh.write(model_card(cfg, found, kind, figures, _dataset_size(cfg.data.dataset), adapter))
+        fh.write(model_card(cfg, found, kind, figures, _dataset_size(cfg.data.dataset), adapter, validation))
 
 
 def _dataset_size(dataset: str) -> int | None:
@@ -240,8 +242,9 @@ def _dataset_size(dataset: str) -> int | None:
 
 
 def model_card(cfg: Any, found: ckpt.Found, kind: str, figures: dict[str, Any], samples: int | None,
-               adapter: bool = False) -> str:
-    """A diffusers-style model card: how to load it, the model, the data, the training figures."""
+               adapter: bool = False, validation: tuple[int, dict[str, Any]] | None = None) -> str:
+    """A diffusers-style model card: how to load it, the model, the data, the training figures
+    and `validation`, the (step, figures) of the run's latest validation (`RunDir.latest_validation`)."""
     import yaml
 
     from trip.config import to_dict
@@ -303,18 +306,56 @@ or `trip sample --model path/to/this/directory --image first_frame.png`.
 - {found.step} steps of {t.global_batch_size} clips, learning rates {t.lr_unet} (UNet) / {t.lr_fusion}
   (fusion), {t.precision}, EMA decay {t.ema_decay}
 
-What the run recorded (its loss history up to this checkpoint; the run has no held-out
-validation set):
+What the run recorded (its training loss history up to this checkpoint):
 
 | figure | value |
 |---|---|
 {table}
+
+## Validation
+
+{validation_section(cfg, found.step, validation)}
 
 ## Training config
 
 ```yaml
 {yaml.safe_dump(to_dict(cfg), sort_keys=False)}```
 """
+
+
+# what a validation's result.json holds (`trip.train.validation`), in the card's words
+VALIDATION_ROWS = (
+    ("loss", "validation loss (noise MSE, fixed noise and timesteps)"),
+    ("psnr", "PSNR of the sample videos vs their clips (dB)"),
+    ("ssim", "SSIM of the sample videos vs their clips"),
+    ("displacement_ratio", "motion: displacement ratio (1 = moves as far as the clip)"),
+    ("displacement_ratio_min", "motion: worst clip's displacement ratio"),
+    ("direction_error_deg", "motion: direction error (degrees)"),
+)
+
+
+def validation_section(cfg: Any, step: int, validation: tuple[int, dict[str, Any]] | None) -> str:
+    """The card's validation figures: those of the run's latest validation at or before
+    `step`, or a plain statement that it recorded none."""
+    every = cfg.train.validate_every
+    if validation is None:
+        why = ("the run did not validate (`train.validate_every` = 0)" if not every else
+               f"none had completed by step {step} (`train.validate_every` = {every})")
+        return f"No validation figures recorded: {why}."
+    at, fig = validation
+    head = f"The run's latest validation is of step {at}"
+    if at != step:
+        why = "its validation had not completed" if step % max(cfg.train.validate_every, 1) == 0 else \
+            f"validation runs every {cfg.train.validate_every} steps"
+        head += f" (not of this checkpoint, step {step}: {why})"
+    rows = [("step", str(at)), ("held-out samples in the loss", str(fig.get("samples", "n/a"))),
+            ("sample videos scored", str(len(fig.get("per_clip", {}))))]
+    rows += [(label, _fmt(fig[key])) for key, label in VALIDATION_ROWS if key in fig]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    weights = "EMA" if cfg.train.ema_decay > 0 else "raw"  # what `validate_checkpoint` exports
+    return (f"{head}: its {weights} weights on the first samples of `{cfg.data.validation}` "
+            f"(motion figures only when the clips show one moving object):\n\n"
+            f"| figure | value |\n|---|---|\n{table}")
 
 
 def _fmt(v: Any) -> str:
