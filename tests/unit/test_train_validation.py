@@ -46,14 +46,19 @@ def _cfg(tmp_path: Path, validation: str, **extra: str):
     return load_config(TINY, [f"{k}={v}" for k, v in sets.items()])
 
 
-def _commit(cfg, run: ckpt.RunDir, step: int, world: int, seed: int = 0) -> str:
-    """A committed checkpoint holding a seeded model's weights (and the same as EMA) as
-    `world` ranks' ZeRO-3 partitions, the way the training loop writes them."""
+def _seeded(cfg, seed: int) -> list[tuple[str, torch.Tensor]]:
     torch.manual_seed(seed)
-    model = TRIPModel(cfg.model, cfg.diffusion)
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    return [(n, p.detach()) for n, p in TRIPModel(cfg.model, cfg.diffusion).named_parameters()]
+
+
+def _commit(cfg, run: ckpt.RunDir, step: int, world: int, seed: int = 0, ema_seed: int | None = None) -> str:
+    """A committed checkpoint holding a seeded model's weights (and the same as EMA, or
+    another seeded model's with `ema_seed`) as `world` ranks' ZeRO-3 partitions, the way
+    the training loop writes them."""
+    weights = _seeded(cfg, seed)
+    ema = weights if ema_seed is None else _seeded(cfg, ema_seed)
     files = {}
-    for kind in ("weights", "ema"):
+    for kind, named in (("weights", weights), ("ema", ema)):
         for r in range(world):
             entries = []
             for name, t in named:
@@ -102,6 +107,84 @@ def test_same_weights_same_figures_whatever_world_size_wrote_them(tmp_path):
     assert changed["loss"] != results[1]["loss"]  # other weights, another loss
     assert changed["loss_rises"] == 3  # it rose once more (what the alert counts)
     assert validator.validate(2, url, other.validation_url(2), {"loss": 1e9, "loss_rises": 2})["loss_rises"] == 0
+
+
+def _zero3_params(cfg, rank: int, world: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """A fresh (other-seeded) model's parameters carrying the attributes ZeRO-3 gives them on
+    `rank` of `world` (`ds_tensor`: this rank's flat partition, `ds_numel`, `ds_shape`): what
+    `PartitionedEMA` and `partitions.param_entries` see in a training rank."""
+    out = []
+    for name, t in _seeded(cfg, 99):
+        p = torch.nn.Parameter(t.clone())
+        lo, hi = partitions.partition_range(t.numel(), rank, world)
+        p.ds_tensor = torch.zeros(partitions.partition_size(t.numel(), world))
+        p.ds_tensor[: hi - lo] = t.flatten()[lo:hi]
+        p.ds_numel, p.ds_shape = t.numel(), tuple(t.shape)
+        out.append((name, p))
+    return out
+
+
+def _resume_and_save(cfg, old: ckpt.RunDir, new: ckpt.RunDir, step: int, world: int, scratch: Path) -> str:
+    """Resume the checkpoint of `old` at `step` on `world` ranks, restoring each rank's EMA
+    slice the way `Trainer._restore_ema` does (the overlapping old files only), then save it
+    untrained into `new` as the resumed ranks write a checkpoint. Returns its URL."""
+    from trip.train.ema import PartitionedEMA
+
+    found = old.latest(at_most=step)
+    old_world = int(found.record["world_size"])
+    files = {}
+    for rank in range(world):
+        named = _zero3_params(cfg, rank, world)
+        ema = PartitionedEMA(named, cfg.train.ema_decay)
+        numels = [int(p.ds_numel) for _, p in named]
+        need = partitions.source_ranks(numels, old_world, rank, world)
+        rels = {r: ckpt.partition_file("ema", r, old_world) for r in need}
+        dest = scratch / f"w{world}-r{rank}"
+        old.download(step, rels.values(), str(dest))
+        parts = partitions.read_local_partitions({r: str(dest / rel) for r, rel in rels.items()},
+                                                 [(n, num, True) for (n, _), num in zip(named, numels)],
+                                                 rank=rank, world_size=world, kind="ema")
+        ema.load_partitions(parts)
+        rel = ckpt.partition_file("ema", rank, world)
+        path = Path(storage.local_path(new.checkpoint_url(step))) / rel
+        partitions.write_partitions(str(path), partitions.param_entries(named, ema.shadow), rank=rank,
+                                    world_size=world, kind="ema")
+        files[rel] = path.stat().st_size
+    record = dict(found.record, world_size=world, files=files, restarts=1)
+    new.write_bytes(f"checkpoints/{ckpt.step_name(step)}/{ckpt.RECORD}", json.dumps(record).encode())
+    return new.checkpoint_url(step)
+
+
+def test_the_same_weights_validate_to_the_same_loss_before_and_after_a_resume(tmp_path):
+    """Issue 14: a run resumed (at world size 2 or 1) from a checkpoint holds the EMA it
+    saved, and validating those weights again, by a restarted validator, gives the loss
+    of before the resume bit for bit; so does re-validating the checkpoint itself."""
+    from safetensors.torch import load_file
+
+    from trip.train.export import export_checkpoint
+    from trip.train.validation import validation_loss
+
+    cfg = _cfg(tmp_path, _validation_set(tmp_path / "val"), **{"train.validation_videos": "0"})
+    before = ckpt.RunDir(str(tmp_path / "before"), "val")
+    url = _commit(cfg, before, 2, world=2, seed=0, ema_seed=1)  # EMA != weights: validation reads the EMA
+    loss = Validator(to_dict(cfg)).validate(2, url, before.validation_url(2))["loss"]
+    assert math.isfinite(loss) and loss > 0
+    ema = {n: t for n, t in _seeded(cfg, 1)}
+    for world in (2, 1):
+        after = ckpt.RunDir(str(tmp_path / f"after-w{world}"), "val")
+        resumed = _resume_and_save(cfg, before, after, 2, world, tmp_path / "scratch")
+        export_checkpoint(resumed, str(tmp_path / f"m{world}"), format="trip")
+        restored = load_file(str(tmp_path / f"m{world}" / "model.safetensors"))
+        assert restored.keys() == ema.keys() and all(torch.equal(restored[n], ema[n]) for n in ema)
+        # a validator started after the resume (a new actor): the same figure, bit for bit
+        again = Validator(to_dict(cfg)).validate(2, resumed, after.validation_url(2))["loss"]
+        assert again == loss, (world, again, loss)
+    # the real validation function on the restored weights in a plain model, and a lost
+    # result of the checkpoint itself redone after a restart: still the same number
+    model = TRIPModel.from_pretrained(str(tmp_path / "m1")).eval()
+    assert validation_loss(model, Validator(to_dict(cfg)).val) == loss
+    redone = Validator(to_dict(cfg)).validate(2, url, before.validation_url(2))["loss"]
+    assert redone == loss
 
 
 def test_watcher_validates_each_step_once_across_restarts_and_retention_waits(tmp_path):
