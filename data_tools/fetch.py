@@ -104,13 +104,13 @@ class FetchError(Exception):
         self.kind, self.reason, self.tries, self.status = kind, reason, tries, status
 
 
-@dataclass
 class _TryFailed(Exception):
-    kind: str
-    what: str
-    retry: bool
-    status: int | None = None
-    retry_after: float | None = None
+    """One try's failure: its kind, what happened in words, and whether another try may help."""
+
+    def __init__(self, kind: str, what: str, retry: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.kind, self.what, self.retry, self.status, self.retry_after = kind, what, retry, status, retry_after
 
 
 # --------------------------------------------------------------------------- host slots
@@ -282,6 +282,9 @@ def _read_body(resp: http.client.HTTPResponse, sock: Any, policy: FetchPolicy, d
         sock.settimeout(min(policy.read_timeout_s, _remaining(deadline, policy)))
         chunk = resp.read1(_CHUNK)  # one socket read: the deadline is checked between reads
         if not chunk:
+            if length and length.isdigit() and size < int(length):
+                # read1 reports a peer that closed early as the end of the body, not IncompleteRead
+                raise _TryFailed("reset", f"connection closed after {size} of {length} bytes", True)
             return b"".join(chunks)
         size += len(chunk)
         if size > policy.max_bytes:

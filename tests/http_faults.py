@@ -4,6 +4,7 @@ Each path serves its bytes after working through its queue of faults, one a requ
 
     "503", "429", "500", ...  that HTTP status (an error page, no video)
     "reset"                   headers and half the body, then the connection is reset (RST)
+    "truncate"                headers and half the body, then the connection is closed (FIN)
     "stall"                   nothing for `stall_s` seconds, then the response
     "drip"                    the body in 1 KiB pieces, `stall_s` / 10 seconds apart
     "nolength"                the body without a Content-Length (the client cannot tell its size)
@@ -108,6 +109,10 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             if fault != "nolength":
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if fault == "truncate":
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return
             if fault == "reset":
                 self.wfile.write(data[: len(data) // 2])
                 # linger 0: closing sends a RST instead of a FIN (what a dying proxy does)

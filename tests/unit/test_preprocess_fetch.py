@@ -39,6 +39,15 @@ def test_a_reset_every_try_gives_up_after_the_tries_saying_so(http_faults) -> No
     assert fetch.stats["failures"] == {"reset": 1} and fetch.stats["retries"] == 3
 
 
+def test_a_body_cut_short_is_a_reset_not_a_video(http_faults) -> None:
+    url = http_faults.add("/cut.mp4", BODY, faults=("truncate",))
+    fetch = Fetcher(FAST)
+    assert fetch(url) == BODY and fetch.stats["retries"] == 1
+    with pytest.raises(FetchError) as e:
+        Fetcher(FetchPolicy(tries=1))(http_faults.add("/cut2.mp4", BODY, faults=("truncate",)))
+    assert e.value.kind == "reset" and f"closed after {len(BODY) // 2} of {len(BODY)} bytes" in e.value.reason
+
+
 def test_a_404_is_not_retried(http_faults) -> None:
     url = http_faults.url("/gone.mp4")
     with pytest.raises(FetchError) as e:
