@@ -340,7 +340,7 @@ class Fetcher:
     (tries, retries, bytes, failures by kind) for the job driver's metrics."""
 
     policy: FetchPolicy = field(default_factory=FetchPolicy)
-    slots: Any = field(default_factory=NoSlots)  # HostSlots
+    slots: HostSlots = field(default_factory=NoSlots)
     stats: dict[str, Any] = field(default_factory=lambda: {"tries": 0, "retries": 0, "bytes": 0,
                                                             "failures": {}})
 
