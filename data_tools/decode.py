@@ -6,7 +6,10 @@ clips shorter than the sampling window. None of that may crash the job: every su
 case raises `SkipVideo` carrying a stage and a human-readable reason, which the job
 writes to its errors manifest. A caller unsure of the file name (a .webm where the CSV
 suggests .mp4) passes `fallbacks`: they are looked for here, only when the first is missing,
-and the reason for a video found nowhere names every path tried.
+and the reason for a video found nowhere names every path tried. HTTP(S) URLs are downloaded by
+`fetch` (by default a `data_tools.fetch.Fetcher` with its default policy: timeouts, retries,
+a size cap); every URL in a reason or in the clip's meta is redacted (no query string, no
+userinfo: signed URLs carry credentials there).
 
 Sampling: F frames either at a target frame rate (frame k is the first source frame at
 or after `start_offset + k / fps`, within half a source frame; a slow source repeats frames) or every `frame_stride`-th source frame from the
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
+from data_tools.fetch import Fetcher, FetchError, is_http, redact_url
 from trip import storage
 
 if TYPE_CHECKING:
@@ -92,11 +96,32 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class _Missing(Exception):
-    """No file at this URL (the caller may look for another)."""
+    """No file at this URL (the caller may look for another); `reason`: why, when worth saying."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-def _open_one(url: str) -> str | IO[bytes]:
+Fetch = Callable[[str], bytes]
+
+
+def _download(url: str, fetch: Fetch) -> bytes:
+    try:
+        return fetch(url)
+    except FetchError as e:
+        if e.status in (404, 410):
+            raise _Missing(e.reason) from e
+        raise SkipVideo("fetch", e.reason) from e
+
+
+def _open_one(url: str, fetch: Fetch | None) -> str | IO[bytes]:
     """A path or file object for PyAV; raises `_Missing` when there is no such file."""
+    if is_http(url):
+        data = _download(url, fetch or Fetcher())
+        if not data:
+            raise SkipVideo("fetch", f"empty file (0 bytes): {redact_url(url)}")
+        return io.BytesIO(data)
     path = storage.local_path(url)
     if path is not None:
         if not os.path.isfile(path):
@@ -115,17 +140,18 @@ def _open_one(url: str) -> str | IO[bytes]:
     return io.BytesIO(data)
 
 
-def _open_source(urls: Sequence[str]) -> tuple[str, str | IO[bytes]]:
+def _open_source(urls: Sequence[str], fetch: Fetch | None) -> tuple[str, str | IO[bytes]]:
     """The first of `urls` that exists and what PyAV reads it from; missing and empty files
     are skips, not errors."""
+    missing = _Missing()
     for url in urls:
         try:
-            return url, _open_one(url)
-        except _Missing:
-            continue
+            return url, _open_one(url, fetch)
+        except _Missing as e:
+            missing = e
     if len(urls) == 1:
-        raise SkipVideo("fetch", f"file not found: {urls[0]}")
-    raise SkipVideo("fetch", f"file not found, tried {len(urls)} paths: {', '.join(urls)}")
+        raise SkipVideo("fetch", missing.reason or f"file not found: {redact_url(urls[0])}")
+    raise SkipVideo("fetch", f"file not found, tried {len(urls)} paths: {', '.join(map(redact_url, urls))}")
 
 
 def _frame_time(frame: av.VideoFrame, index: int, src_fps: float) -> float:
@@ -188,15 +214,18 @@ def _decode_open(container: av.container.InputContainer, url: str, spec: Samplin
     return Clip(frames=np.stack(chosen), meta=meta)
 
 
-def decode_clip(url: str, spec: SamplingSpec, *, fallbacks: Sequence[str] = ()) -> Clip:
+def decode_clip(url: str, spec: SamplingSpec, *, fallbacks: Sequence[str] = (),
+                fetch: Fetch | None = None) -> Clip:
     """Decode `spec.num_frames` frames of the video at `url` (path or fsspec URL), or at the
-    first of `fallbacks` that exists when `url` does not.
+    first of `fallbacks` that exists when `url` does not. `fetch` downloads http(s) URLs
+    (raising `data_tools.fetch.FetchError`); None: a `Fetcher` with the default policy.
 
-    Returns a Clip with frames uint8 [F, R, R, 3] and the URL it read in `meta["source_url"]`.
-    Raises `SkipVideo` for anything that makes the file unusable (missing, empty, not a
-    video, corrupt, too short).
+    Returns a Clip with frames uint8 [F, R, R, 3] and the (redacted) URL it read in
+    `meta["source_url"]`. Raises `SkipVideo` for anything that makes the file unusable
+    (missing, empty, not downloadable, not a video, corrupt, too short).
     """
-    url, source = _open_source([url, *fallbacks])
+    url, source = _open_source([url, *fallbacks], fetch)
+    url = redact_url(url)
     try:
         with av.open(source, mode="r") as container:
             clip = _decode_open(container, url, spec)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the preprocessing job (updated by the driver, one process).
 
-Bounded label sets only: `status` is one of ok | skipped | error, never a video id.
+Bounded label sets only: `status` is one of ok | skipped | error, `kind` one of
+`data_tools.fetch.KINDS`, never a video id or a URL.
 `start_exporter(port)` serves them on /metrics; port 0 means no exporter.
 """
 
@@ -19,6 +20,12 @@ ENCODE_SECONDS = Histogram("trip_preprocess_encode_seconds",
                            "Codec + text-encoder seconds per clip in the encode actors",
                            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0))
 SHARDS = Counter("trip_preprocess_shards", "Shards committed by preprocessing")
+# counted in the shard tasks, returned with their stats: a shard's counts arrive when it commits
+FETCH_RETRIES = Counter("trip_preprocess_fetch_retries", "Retried downloads of http(s) videos "
+                        "(5xx, 408, 429, connection resets, timeouts)")
+FETCH_FAILURES = Counter("trip_preprocess_fetch_failures", "http(s) videos given up on, by kind "
+                         "(data_tools.fetch.KINDS)", ["kind"])
+FETCH_BYTES = Counter("trip_preprocess_fetch_bytes", "Bytes of http(s) videos downloaded")
 
 for _status in STATUSES:  # expose every series from the start, at 0
     VIDEOS.labels(status=_status)

@@ -20,6 +20,14 @@ the output; it returns only the shard's record. Where the clips are encoded:
 - on a CPU-only cluster (`encode_on: auto`), in the shard task itself, with the codec
   loaded once per worker process: no frames cross processes at all.
 
+Videos at http(s) URLs (WebVid's own `contentUrl`, or an http `video_root`) are downloaded by
+`data_tools.fetch` under the `fetch_*` settings: connect/read/overall timeouts, retries with
+backoff on 5xx, 429, resets and timeouts, a size cap, and at most `fetch_max_per_host`
+downloads from one host at once across the cluster (one small named actor the driver creates
+and every shard task borrows slots from). A video that cannot be fetched is a line in the
+errors manifest (stage fetch, the reason, the URL without its query string); the task returns
+its fetch counts with its stats, which the driver turns into metrics.
+
 The driver keeps at most `shards_in_flight` tasks submitted (default: the cluster's CPUs),
 notes each record in the progress manifest (`data_tools.write.Manifest`) and finishes with
 errors.jsonl and index.json. Committed shards are skipped on a rerun, and because a shard's
@@ -39,13 +47,23 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from data_tools import metrics
 from data_tools.decode import SamplingSpec, SkipVideo, decode_clip
+from data_tools.fetch import (
+    Fetcher,
+    FetchPolicy,
+    HostSlots,
+    NoSlots,
+    cluster_slots,
+    fetch_policy,
+    is_http,
+    redact_url,
+)
 from data_tools.webvid import (
     CSVFormatError,
     CSVPlan,
@@ -73,7 +91,11 @@ log = get_logger(__name__)
 # settings that change how fast the job runs (or whether a bad CSV row stops it), not what it writes
 _SPEED_ONLY = ("csv", "output", "limit", "encode_batch_size", "encode_actors", "decode_threads",
                "metrics_port", "video_root", "samples_per_shard", "max_shard_bytes", "strict_csv",
-               "encode_on", "encode_gpus_per_actor", "shards_in_flight")
+               "encode_on", "encode_gpus_per_actor", "shards_in_flight",
+               # a rerun may need a longer timeout or more tries to finish a job: they must not
+               # make it a different job (they only decide which flaky downloads make it in)
+               "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_timeout_s", "fetch_tries",
+               "fetch_backoff_s", "fetch_max_per_host", "fetch_max_mb")
 
 _DECODE_MEMORY = 256 * 1024**2  # bytes a shard task may hold (one compressed video + frames + a batch)
 
@@ -101,13 +123,17 @@ def sampling_spec(pre: PreprocessConfig) -> SamplingSpec:
                         start_offset=pre.start_offset, resolution=pre.resolution, threads=pre.decode_threads)
 
 
-def decode_row(row: VideoRow, spec: SamplingSpec, other_exts: bool = False) -> tuple[np.ndarray | None, Outcome]:
+def decode_row(row: VideoRow, spec: SamplingSpec, other_exts: bool = False,
+               fetch: Fetcher | None = None) -> tuple[np.ndarray | None, Outcome]:
     """One row -> (its clip, uint8 [F, R, R, 3], or None; its outcome so far: ok with the
     decode meta, or skipped/error with the stage and reason). `other_exts`: when the row's
-    file is missing, try it with the other video extensions."""
-    o = Outcome(ordinal=-1, row=row, status="ok")
+    file is missing, try it with the other video extensions. `fetch`: how http(s) videos are
+    downloaded (None: the default policy). The outcome's row carries the redacted URL: it is
+    what the errors manifest shows."""
+    o = Outcome(ordinal=-1, row=replace(row, url=redact_url(row.url)), status="ok")
     try:
-        clip = decode_clip(row.url, spec, fallbacks=other_extensions(row.url) if other_exts else ())
+        clip = decode_clip(row.url, spec, fallbacks=other_extensions(row.url) if other_exts else (),
+                           fetch=fetch)
     except SkipVideo as e:
         o.status, o.stage, o.reason = "skipped", e.stage, e.reason
         return None, o
@@ -165,6 +191,8 @@ class ShardJob:
     identity: dict[str, str]  # {fingerprint, plan}: carried by every record
     latent_shape: list[int]
     text_shape: list[int] | None
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)  # how http(s) videos are downloaded
+    host_slots: HostSlots = field(default_factory=NoSlots)  # the cluster's per-host download cap
 
     @property
     def clips_per_batch(self) -> int:
@@ -172,7 +200,7 @@ class ShardJob:
 
 
 def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) -> dict[str, Any]:
-    return {"videoid": row.videoid, "caption": row.caption, "source_url": row.url,
+    return {"videoid": row.videoid, "caption": row.caption, "source_url": redact_url(row.url),
             "fps": pre.fps, "frame_stride": pre.frame_stride, "start_offset": pre.start_offset,
             "num_frames": pre.num_frames, "resolution": pre.resolution, "duration": row.duration,
             "page_dir": row.page_dir, "extra": json.loads(row.extra), **decoded}
@@ -180,8 +208,8 @@ def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) 
 
 def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = None) -> dict[str, Any]:
     """The shard task: rows -> decoded clips -> latents -> committed tar; returns
-    {"record": the shard's record, "stats": {node, pid, counts, encode [(seconds a clip, clips)]}}
-    (node and pid: where the shard was written).
+    {"record": the shard's record, "stats": {node, pid, counts, encode [(seconds a clip, clips)],
+    fetch {tries, retries, bytes, failures {kind: n}}}} (node and pid: where the shard was written).
 
     `encoders`: encoder actor handles (with their node ids) to send batches to, or None to
     encode here. A failure that is not one video's (the output unwritable, an encoder actor
@@ -192,6 +220,7 @@ def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = Non
     rows = read_range(pre.csv, job.columns, rng, video_root=pre.video_root, path_template=pre.path_template)
     samples = ShardSamples(pre.output, rng.shard, job.identity, job.latent_shape, job.text_shape)
     counts = {"ok": 0, "skipped": 0, "error": 0}
+    fetcher = Fetcher(job.fetch, job.host_slots)
     encode_times: list[tuple[float, int]] = []
     submit = _encode_submitter(job, rng.shard, encoders)
     in_flight: deque[tuple[list[Outcome], Any]] = deque()  # batches sent, oldest first
@@ -214,7 +243,7 @@ def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = Non
     try:
         batch: list[tuple[Outcome, np.ndarray]] = []
         for k, row in enumerate(rows):
-            clip, o = decode_row(row, spec, other_exts)
+            clip, o = decode_row(row, spec, other_exts, fetcher)
             o.ordinal = rng.first + k
             done.append(o)
             if clip is not None:
@@ -234,7 +263,8 @@ def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = Non
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {"record": record,
-            "stats": {"node": node, "pid": os.getpid(), "counts": counts, "encode": encode_times}}
+            "stats": {"node": node, "pid": os.getpid(), "counts": counts, "encode": encode_times,
+                      "fetch": fetcher.stats}}
 
 
 def _encode_submitter(job: ShardJob, shard: int, encoders: list[Any] | None) -> Callable[..., Any]:
@@ -361,9 +391,10 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
     pending = [s for s in range(num_shards) if s not in done_before]
     counts = {"ok": 0, "skipped": 0, "error": 0}
     if pending:
-        job = ShardJob(pre=pre, codec=codec, columns=plan.columns, identity=identity,
-                       latent_shape=lat_shape, text_shape=text_shape)
         with ray_session():
+            job = ShardJob(pre=pre, codec=codec, columns=plan.columns, identity=identity,
+                           latent_shape=lat_shape, text_shape=text_shape, fetch=fetch_policy(pre),
+                           host_slots=_host_slots(pre))
             _run_pending(job, plan, per_shard, pending, manifest, counts, progress, on_shard_committed)
     extra = {"sampling": {"num_frames": pre.num_frames, "fps": pre.fps, "frame_stride": pre.frame_stride,
                           "start_offset": pre.start_offset, "resolution": pre.resolution}}
@@ -374,6 +405,14 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
     return JobResult(shards=num_shards, shards_skipped=num_shards - len(pending),
                      ok=counts["ok"], skipped=counts["skipped"], errors=counts["error"],
                      rejected_rows=len(plan.rejected), seconds=time.perf_counter() - t0, index=index)
+
+
+def _host_slots(pre: PreprocessConfig) -> HostSlots:
+    """The cluster's per-host download cap, where rows may be http(s) URLs (contentUrl, or an
+    http video_root): one small actor, created once a run and borrowed by every shard task."""
+    if pre.video_root and not is_http(pre.video_root):
+        return NoSlots()
+    return cluster_slots(pre.fetch_max_per_host)
 
 
 def _encoder_pool(job: ShardJob) -> list[tuple[Any, str]] | None:
@@ -444,6 +483,13 @@ def _count(stats: dict[str, Any], record: dict[str, Any], counts: dict[str, int]
     for per_clip, n in stats["encode"]:
         for _ in range(n):
             metrics.ENCODE_SECONDS.observe(per_clip)
+    fetched = stats.get("fetch") or {}
+    if fetched.get("retries"):
+        metrics.FETCH_RETRIES.inc(fetched["retries"])
+    for kind, n in (fetched.get("failures") or {}).items():
+        metrics.FETCH_FAILURES.labels(kind=kind).inc(n)
+    if fetched.get("bytes"):
+        metrics.FETCH_BYTES.inc(fetched["bytes"])
     if record["info"]:
         metrics.BYTES.inc(record["info"]["bytes"])
     metrics.SHARDS.inc()

@@ -66,3 +66,15 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture()
+def http_faults() -> Iterator[object]:
+    """A fault-injecting HTTP server on 127.0.0.1 (tests/http_faults.py), stopped after the test."""
+    from tests.http_faults import FaultServer
+
+    server = FaultServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -200,10 +200,26 @@ class PreprocessConfig:
     shards_in_flight: int = 0  # shard tasks submitted at once; 0: the cluster's CPU count
     decode_threads: int = 1  # PyAV decoding threads per task
     metrics_port: int = 0  # Prometheus exporter of the job driver; 0 disables
+    fetch_connect_timeout_s: float = 10.0  # http(s) videos: seconds to open a connection
+    fetch_read_timeout_s: float = 30.0  # http(s) videos: longest wait for the next bytes of a response
+    fetch_timeout_s: float = 300.0  # http(s) videos: seconds for one video, all tries and backoffs included
+    fetch_tries: int = 4  # http(s) videos: tries on 5xx, 408, 429, resets and timeouts (other 4xx: one try)
+    fetch_backoff_s: float = 1.0  # http(s) videos: wait before the first retry; doubles each retry (up to 30 s), with jitter
+    fetch_max_per_host: int = 8  # http(s) videos: downloads at once from one host, across the Ray cluster; 0: no cap
+    fetch_max_mb: float = 512.0  # http(s) videos: a larger video is skipped (errors manifest, stage fetch)
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.frame_stride is None):
             raise ValueError("set exactly one of preprocess.fps and preprocess.frame_stride")
+        for name in ("fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_timeout_s", "fetch_max_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"preprocess.{name} must be > 0, got {getattr(self, name)}")
+        if self.fetch_tries < 1:
+            raise ValueError(f"preprocess.fetch_tries must be >= 1 (1: no retry), got {self.fetch_tries}")
+        if self.fetch_backoff_s < 0:
+            raise ValueError(f"preprocess.fetch_backoff_s must be >= 0, got {self.fetch_backoff_s}")
+        if self.fetch_max_per_host < 0:
+            raise ValueError(f"preprocess.fetch_max_per_host must be >= 0 (0: no cap), got {self.fetch_max_per_host}")
         if self.samples_per_shard < 1:
             raise ValueError("preprocess.samples_per_shard must be >= 1")
         if self.encode_on not in ("auto", "actors", "tasks"):
