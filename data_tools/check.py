@@ -2,64 +2,73 @@
 
 `validate_dataset` is what an operator runs before pointing a training job at a prefix:
 every shard listed in index.json is read in full and checked against the contract (keys,
-shapes, dtypes, counts, byte sizes); every problem is returned with the shard and key it
-concerns, rather than stopping at the first.
+shapes, dtypes, finite values, counts, byte sizes); every problem is returned with the
+shard and key it concerns, rather than stopping at the first. Shards are read and samples
+judged by the training loader's own reader and check (`trip.data.shards.read_samples`,
+`decode_sample`), so validate and training agree on which samples are bad: a sample the
+tar walk could not reach is named `#<ordinal>`, as the loader names it. (With
+`data.text: false` the loader does not require text states; validate always does when
+index.json has a text_shape.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from data_tools.shards import INDEX_NAME, read_index, read_shard
 from trip import storage
+from trip.data.shards import INDEX_NAME, Sample, read_index, read_shard
 
 
-def _check_sample(sample: dict[str, Any], index: dict[str, Any], where: str) -> list[str]:
-    problems = []
-    for field_name in ("latents", "json", "txt"):
-        if field_name not in sample:
-            problems.append(f"{where}: missing .{field_name}")
-    lat = sample.get("latents")
-    if lat is not None:
-        if list(lat.shape) != list(index["latent_shape"]):
-            problems.append(f"{where}: latents shape {list(lat.shape)} != index {index['latent_shape']}")
-        if str(lat.dtype) != index.get("latent_dtype", "float16"):
-            problems.append(f"{where}: latents dtype {lat.dtype} != {index.get('latent_dtype')}")
-        if not np.isfinite(lat).all():
-            problems.append(f"{where}: latents hold NaN or inf")
-    text_shape = index.get("text_shape")
-    if text_shape and "text" not in sample:
-        problems.append(f"{where}: missing .text.npy (index has text_shape {text_shape})")
-    if "text" in sample and list(sample["text"].shape) != list(text_shape or []):
-        problems.append(f"{where}: text shape {list(sample['text'].shape)} != index {text_shape}")
-    return problems
+@dataclass
+class ShardCheck:
+    """What validate found in one shard listed in index.json."""
+
+    name: str
+    samples: int = 0  # samples the tar walk reached
+    bad: dict[str, str] = field(default_factory=dict)  # key (or #ordinal) -> why
+    problems: list[str] = field(default_factory=list)  # about the shard as a whole
 
 
-def _check_shard(prefix: str, entry: dict[str, Any], index: dict[str, Any],
-                 seen: set[str]) -> tuple[int, list[str]]:
-    url = storage.join(prefix, entry["name"])
+def check_shard(prefix: str, entry: dict[str, Any], index: dict[str, Any], seen: set[str]) -> ShardCheck:
+    """Read one shard of index.json's `entry` and judge every sample as the loader does;
+    `seen` collects keys across shards to find duplicates."""
+    name = entry["name"]
+    url = storage.join(prefix, name)
+    check = ShardCheck(name)
     try:
         fs, path = storage.filesystem(url)
         size = fs.size(path)
-        samples = read_shard(url)
+        contents = read_shard(url, latent_shape=index["latent_shape"], text_shape=index.get("text_shape"))
     except FileNotFoundError:
-        return 0, [f"{entry['name']}: listed in {INDEX_NAME} but missing"]
-    except ValueError as e:
-        return 0, [str(e)]
-    problems = []
+        check.problems.append(f"{name}: listed in {INDEX_NAME} but missing")
+        return check
+    check.samples = len(contents.keys)
     if size != entry.get("bytes", size):
-        problems.append(f"{entry['name']}: {size} bytes, {INDEX_NAME} says {entry['bytes']}")
-    if len(samples) != entry["samples"]:
-        problems.append(f"{entry['name']}: {len(samples)} samples, {INDEX_NAME} says {entry['samples']}")
-    for s in samples:
-        where = f"{entry['name']}:{s['__key__']}"
-        if s["__key__"] in seen:
-            problems.append(f"{where}: duplicate key")
-        seen.add(s["__key__"])
-        problems += _check_sample(s, index, where)
-    return len(samples), problems
+        check.problems.append(f"{name}: {size} bytes, {INDEX_NAME} says {entry['bytes']}")
+    if contents.error:
+        check.problems.append(f"{name}: {contents.error}")
+    if check.samples != entry["samples"]:
+        check.problems.append(f"{name}: {check.samples} samples, {INDEX_NAME} says {entry['samples']}")
+    check.bad.update(contents.bad)
+    for key in contents.keys:
+        if key in seen:
+            check.bad[key] = "; ".join(filter(None, [check.bad.get(key), "duplicate key"]))
+        seen.add(key)
+    for ordinal in range(check.samples, entry["samples"]):  # what the loader would find missing
+        check.bad[f"#{ordinal}"] = contents.error or "sample missing from shard"
+    return check
+
+
+def _bad_lines(check: ShardCheck) -> list[str]:
+    """One line per bad sample; the unreachable tail of a cut shard as one line."""
+    lines = [f"{check.name}:{key}: {why}" for key, why in check.bad.items() if not key.startswith("#")]
+    missing = [key for key in check.bad if key.startswith("#")]
+    if missing:
+        lines.append(f"{check.name}: samples {missing[0]}..{missing[-1]} unreadable")
+    return lines
 
 
 def validate_dataset(prefix: str) -> tuple[dict[str, Any], list[str]]:
@@ -69,9 +78,9 @@ def validate_dataset(prefix: str) -> tuple[dict[str, Any], list[str]]:
     seen: set[str] = set()
     total = 0
     for entry in index["shards"]:
-        n, p = _check_shard(prefix, entry, index, seen)
-        total += n
-        problems += p
+        check = check_shard(prefix, entry, index, seen)
+        total += check.samples
+        problems += check.problems + _bad_lines(check)
     if total != index["num_samples"]:
         problems.append(f"{total} samples in shards, {INDEX_NAME} says num_samples={index['num_samples']}")
     fs, root = storage.filesystem(prefix)
@@ -101,15 +110,13 @@ def shard_url(prefix: str, index: dict[str, Any], shard: str | int | None) -> st
     return storage.join(prefix, str(shard))
 
 
-def describe_sample(sample: dict[str, Any]) -> str:
+def describe_sample(sample: Sample) -> str:
     """One line per sample: key, video id, caption, latent/text shapes and ranges."""
-    lat = sample["latents"]
-    meta = sample.get("json", {})
-    text = sample.get("text")
+    lat, text = sample.latents, sample.text
     text_desc = f" text {list(text.shape)} {text.dtype}" if text is not None else ""
-    return (f"{sample['__key__']}  video {meta.get('videoid', '?')}  latents {list(lat.shape)} "
+    return (f"{sample.key}  video {sample.meta.get('videoid', '?')}  latents {list(lat.shape)} "
             f"{lat.dtype} [{float(lat.min()):.3f}, {float(lat.max()):.3f}]{text_desc}  "
-            f"{sample.get('txt', '')!r}")
+            f"{sample.caption!r}")
 
 
 def build_codec_from_index(index: dict[str, Any], codec_path: str | None = None):
@@ -124,11 +131,11 @@ def build_codec_from_index(index: dict[str, Any], codec_path: str | None = None)
     raise ValueError(f"index.json has an unknown codec identity: {ident}")
 
 
-def sample_to_gif(sample: dict[str, Any], codec, path: str, fps: int = 4, scale: int = 4) -> str:
+def sample_to_gif(sample: Sample, codec, path: str, fps: int = 4, scale: int = 4) -> str:
     """Decode a sample's latents [F, C, h, w] through `codec` and write a looping GIF."""
     import torch
 
     from trip.video import write_gif
 
-    frames = codec.decode(torch.from_numpy(sample["latents"].astype(np.float32)))
+    frames = codec.decode(torch.from_numpy(sample.latents.astype(np.float32)))
     return write_gif(frames, path, fps=fps, scale=scale)

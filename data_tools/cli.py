@@ -26,25 +26,30 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from data_tools.check import build_codec_from_index, describe_sample, sample_to_gif, shard_url
-    from data_tools.shards import read_index, read_shard
+    from trip.data.shards import read_index, read_shard
 
     index = read_index(args.prefix)
     print(f"{args.prefix}: {index['num_samples']} samples in {len(index['shards'])} shards; "
           f"latents {index['latent_shape']} {index['latent_dtype']}, text {index.get('text_shape')}, "
           f"codec {index.get('codec', {}).get('kind')}, scaling factor {index.get('scaling_factor')}")
     url = shard_url(args.prefix, index, args.shard)
-    samples = read_shard(url)
-    print(f"{url}: {len(samples)} samples")
+    contents = read_shard(url)
+    samples = contents.samples
+    print(f"{url}: {len(contents.keys)} samples")
     for sample in samples[:args.limit]:
         print("  " + describe_sample(sample))
+    for key, why in contents.bad.items():
+        print(f"  {key}: bad sample: {why}")
+    if contents.error:
+        print(f"  {contents.error}")
     if args.gif:
-        chosen = [s for s in samples if args.key in (None, s["__key__"])]
+        chosen = [s for s in samples if args.key in (None, s.key)]
         if not chosen:
             print(f"error: no sample with key {args.key!r} in {url}", file=sys.stderr)
             return 2
         codec = build_codec_from_index(index, args.codec_path)
         path = sample_to_gif(chosen[0], codec, args.gif, fps=args.fps, scale=args.scale)
-        print(f"wrote {path} (sample {chosen[0]['__key__']}: {chosen[0].get('txt', '')!r})")
+        print(f"wrote {path} (sample {chosen[0].key}: {chosen[0].caption!r})")
     return 0
 
 

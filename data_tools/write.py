@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.shards import ShardInfo, ShardWriter, build_index, shard_name, write_index
 from data_tools.webvid import RejectedRow, VideoRow
 from trip import storage
+from trip.data.shards import ShardInfo, ShardWriter, build_index, shard_name, write_index
 
 PROGRESS_DIR = "_progress"
 ERRORS_NAME = "errors.jsonl"

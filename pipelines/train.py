@@ -45,7 +45,7 @@ class TrainResult:
 
 def validate(cfg: Config) -> None:
     """Fail before any worker starts, naming the file or field at fault."""
-    from data_tools.shards import read_index
+    from trip.data.shards import read_index
 
     if not cfg.data.dataset:
         raise ConfigError("data.dataset is empty: set it to the dataset prefix holding index.json")

@@ -107,7 +107,7 @@ def test_s3_missing_shard_is_counted_not_fatal_under_the_rate(s3_dataset: str) -
 
 
 def test_s3_fetch_of_a_missing_object_is_file_not_found(s3_dataset: str) -> None:
-    from trip.data.shardio import ShardFetcher
+    from trip.data.shards import ShardFetcher
 
     fetcher = ShardFetcher(s3_dataset + "/x", retries=2)
     data = fetcher.fetch(storage.join(s3_dataset, "shard-000000.tar"))

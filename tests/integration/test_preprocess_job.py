@@ -23,13 +23,13 @@ from data_tools.check import validate_dataset
 from data_tools.decode import SamplingSpec, decode_clip
 from data_tools.encode import ClipEncoder
 from data_tools.models import save_random_clip_text, save_random_vae
-from data_tools.shards import read_shard
 from data_tools.synth import make_dataset, write_csv, write_video
 from data_tools.webvid import read_rows
 from pipelines.preprocess import run_preprocess
 from trip import storage
 from trip.codec import LosslessCodec
 from trip.config import CodecConfig, PreprocessConfig
+from trip.data.shards import read_shard
 
 pytestmark = pytest.mark.integration
 
@@ -118,14 +118,14 @@ def test_vae_and_clip_job_from_and_to_s3(ray_local, s3_server, local_data) -> No
                          text_encoder=local_data["models"], max_text_length=8, device="cpu")
     seen = []
     for entry in index["shards"]:
-        for sample in read_shard(f"{out}/{entry['name']}"):
-            row = rows[int(sample["__key__"])]
-            assert sample["json"]["videoid"] == row.videoid and sample["txt"] == row.caption
-            assert sample["json"]["extra"]["direction"] in row.caption
-            assert sample["latents"].dtype == np.float16 and sample["text"].dtype == np.float16
+        for sample in read_shard(f"{out}/{entry['name']}").samples:
+            row = rows[int(sample.key)]
+            assert sample.meta["videoid"] == row.videoid and sample.caption == row.caption
+            assert sample.meta["extra"]["direction"] in row.caption
+            assert sample.latents.dtype == np.float16 and sample.text.dtype == np.float16
             clip = decode_clip(row.url, SPEC)
             want = direct.encode_frames(clip.frames[None])[0]
-            np.testing.assert_allclose(sample["latents"].astype(np.float32), want.astype(np.float32),
+            np.testing.assert_allclose(sample.latents.astype(np.float32), want.astype(np.float32),
                                        atol=2e-3, rtol=2e-3)
             np.testing.assert_array_equal(sample["text"], direct.encode_text([row.caption])[0])
             seen.append(row.videoid)
@@ -151,12 +151,12 @@ def test_lossless_through_trip_cli_reproduces_the_decoded_clip(ray_local, local_
     rows = read_rows(os.path.join(local_data["webvid"], "results.csv"),
                      video_root=os.path.join(local_data["webvid"], "videos")).rows
     codec = LosslessCodec(2)
-    for sample in read_shard(os.path.join(out, "shard-000000.tar")):
+    for sample in read_shard(os.path.join(out, "shard-000000.tar")).samples:
         import torch
 
-        frames = codec.decode(torch.from_numpy(sample["latents"].astype(np.float32)))
+        frames = codec.decode(torch.from_numpy(sample.latents.astype(np.float32)))
         back = (frames * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        clip = decode_clip(rows[int(sample["__key__"])].url, SPEC)
+        clip = decode_clip(rows[int(sample.key)].url, SPEC)
         np.testing.assert_array_equal(back, clip.frames)
 
 
@@ -240,7 +240,7 @@ def test_bad_inputs_go_to_the_errors_manifest_and_the_rest_is_done(ray_local, lo
     assert (result.ok, result.skipped, result.errors) == (3, 5, 0)
     index, problems = validate_dataset(out)
     assert problems == [] and index["num_samples"] == 3 and index["num_errors"] == 5
-    keys = [s["json"]["videoid"] for e in index["shards"] for s in read_shard(f"{out}/{e['name']}")]
+    keys = [s.meta["videoid"] for e in index["shards"] for s in read_shard(f"{out}/{e['name']}").samples]
     assert keys == [r["videoid"] for r in good]
     with open(os.path.join(out, "errors.jsonl")) as f:
         errors = {e["videoid"]: e for e in map(json.loads, f)}
@@ -313,12 +313,12 @@ def test_bad_csv_rows_are_listed_and_webm_videos_found_with_the_default_template
     tried = [str(videos / "web" / f"2003{e}") for e in (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")]
     assert errors[2]["reason"] == f"file not found, tried 6 paths: {', '.join(tried)}"
 
-    samples = {s["json"]["videoid"]: s for e in index["shards"] for s in read_shard(f"{out}/{e['name']}")}
+    samples = {s.meta["videoid"]: s for e in index["shards"] for s in read_shard(f"{out}/{e['name']}").samples}
     assert sorted(samples) == sorted([good[0]["videoid"], good[1]["videoid"], "2001", "2002"])
-    assert samples["2001"]["json"]["source_url"] == webm
-    assert samples["2002"]["json"]["source_url"].endswith("2002.webm")
+    assert samples["2001"].meta["source_url"] == webm
+    assert samples["2002"].meta["source_url"].endswith("2002.webm")
     import torch
 
-    frames = LosslessCodec(2).decode(torch.from_numpy(samples["2001"]["latents"].astype(np.float32)))
+    frames = LosslessCodec(2).decode(torch.from_numpy(samples["2001"].latents.astype(np.float32)))
     back = (frames * 255).round().byte().permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(back, decode_clip(webm, SPEC).frames)

@@ -188,8 +188,8 @@ def test_eval_cli_weight_free_quality_against_same_named_references(tmp_path: Pa
 
 def _write_shard_set(prefix: Path, clips: list[np.ndarray]) -> None:
     """Clips encoded with the lossless codec into shards, through the real shard contract."""
-    from data_tools.shards import ShardWriter, build_index, write_index
     from trip.codec import LosslessCodec
+    from trip.data.shards import ShardWriter, build_index, write_index
 
     codec = LosslessCodec(2)
     infos = []

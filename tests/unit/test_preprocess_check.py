@@ -13,9 +13,9 @@ from PIL import Image
 
 from data_tools.check import validate_dataset
 from data_tools.cli import main as data_tools_main
-from data_tools.shards import ShardWriter, build_index, write_index
 from data_tools.synth import ShapeMotion, draw_motion
 from trip.codec import LosslessCodec
+from trip.data.shards import ShardWriter, build_index, write_index
 
 
 @pytest.fixture()
@@ -67,8 +67,8 @@ def test_wrong_shapes_are_found(tmp_path) -> None:
                                  codec={"kind": "lossless", "downscale": 2, "scaling_factor": 1.0},
                                  text_encoder=None))
     _, problems = validate_dataset(out)
-    assert any("shard-000000.tar:k: latents shape [4, 12, 4, 4]" in p for p in problems)
-    assert any("missing .text.npy" in p for p in problems)
+    assert any(p.startswith("shard-000000.tar:k: ") and "k.text.npy missing" in p
+               and "k.latents.npy: shape [4, 12, 4, 4], index.json says [4, 12, 8, 8]" in p for p in problems)
 
 
 def test_inspect_prints_and_writes_a_gif_of_the_decoded_clip(dataset: str, tmp_path,

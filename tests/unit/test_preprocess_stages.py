@@ -8,11 +8,11 @@ import os
 import numpy as np
 
 from data_tools.decode import SamplingSpec
-from data_tools.shards import read_shard
 from data_tools.synth import write_csv, write_video
 from data_tools.webvid import VideoRow, scan_csv
 from pipelines.preprocess import Encoder, ShardJob, decode_row, write_shard
 from trip.config import CodecConfig, PreprocessConfig
+from trip.data.shards import read_shard
 
 SPEC = SamplingSpec(num_frames=2, fps=8.0, resolution=16)
 
@@ -67,7 +67,7 @@ def test_a_shard_task_writes_its_rows_in_order_and_names_the_failures(tmp_path) 
     assert stats["counts"] == {"ok": 3, "skipped": 1, "error": 0}
     assert record["info"]["samples"] == 3 and record["shard"] == "shard-000000.tar"
     assert [(e["videoid"], e["stage"]) for e in record["errors"]] == [("1", "fetch")]
-    keys = [s["__key__"] for s in read_shard(os.path.join(job.pre.output, "shard-000000.tar"))]
+    keys = read_shard(os.path.join(job.pre.output, "shard-000000.tar")).keys
     assert keys == ["000000000", "000000002", "000000003"]
     # the second shard of two rows a shard starts at row 2
     assert write_shard(job, plan.shard(1, 2))["record"]["info"]["samples"] == 2

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 
-from data_tools.shards import read_index, read_shard
 from data_tools.webvid import RejectedRow, VideoRow
 from data_tools.write import (
     ERRORS_NAME,
@@ -23,6 +22,7 @@ from data_tools.write import (
     rows_per_shard,
     write_shard_samples,
 )
+from trip.data.shards import read_index, read_shard
 
 SHAPE = [2, 3, 2, 2]
 IDENTITY = {"fingerprint": "fp", "plan": "p1"}
@@ -79,8 +79,7 @@ def test_shards_records_manifest_and_finish(tmp_path) -> None:
     assert [s["name"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     assert index["num_samples"] == 3 and index["num_rows"] == 5 and index["num_errors"] == 3
     assert index["num_rejected_rows"] == 1
-    samples = read_shard(os.path.join(out, "shard-000001.tar"))
-    assert [s["__key__"] for s in samples] == ["000000003"]
+    assert read_shard(os.path.join(out, "shard-000001.tar")).keys == ["000000003"]
     with open(os.path.join(out, ERRORS_NAME)) as f:
         errors = [json.loads(line) for line in f]
     assert [(e["videoid"], e["stage"], e["reason"]) for e in errors] == [

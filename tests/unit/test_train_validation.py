@@ -24,8 +24,8 @@ TINY = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "tiny_cpu
 
 def _validation_set(prefix: Path, count: int = 3) -> str:
     """Synthetic moving shapes through the lossless codec into a shard set."""
-    from data_tools.shards import ShardWriter, build_index, write_index
     from trip.codec import LosslessCodec
+    from trip.data.shards import ShardWriter, build_index, write_index
 
     codec = LosslessCodec(8)
     writer = ShardWriter(str(prefix), 0)

@@ -67,7 +67,7 @@ exceeds `max_corrupt_fraction` of the samples dealt to it, `CorruptDataError` na
 shards. The count is per rank: a whole bad shard weighs on the one rank that reads it.
 
 Speed: shards are read whole in one GET (on S3 a presigned GET into one buffer, see
-`shardio.ShardFetcher`), decoding is zero-copy, batches are collated in the workers
+`trip.data.shards.ShardFetcher`), decoding is zero-copy, batches are collated in the workers
 straight into one shared-memory float32 buffer, so only ready batches cross the
 process boundary, and each worker fetches its next shards on background threads while
 it collates. A unit holds at most one shuffle group's shards plus two read ahead.
@@ -103,11 +103,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_tools.shards import read_index
 from trip import storage
 from trip.config import DataConfig
-from trip.data import shardio
 from trip.data.plan import EpochOrder, Intervals, RankPlan, Split, units_per_rank
+from trip.data.shards import BadSample, ShardFetcher, decode_sample, read_index, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +186,16 @@ class _PassStream(IterableDataset):
         return _produce(job, worker, num_workers)
 
 
-_FETCHERS: dict[tuple[str, str, int, int], shardio.ShardFetcher] = {}
+_FETCHERS: dict[tuple[str, str, int, int], ShardFetcher] = {}
 
 
-def _fetcher(url: str, retries: int) -> shardio.ShardFetcher:
+def _fetcher(url: str, retries: int) -> ShardFetcher:
     """One fetcher per process and protocol, kept across passes (its S3 client costs a few
     hundred ms to build); keyed by pid so a forked worker never uses its parent's."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     key = (protocol, str(storage.storage_options(url)), retries, os.getpid())
     if key not in _FETCHERS:
-        _FETCHERS[key] = shardio.ShardFetcher(url, retries=retries)
+        _FETCHERS[key] = ShardFetcher(url, retries=retries)
     return _FETCHERS[key]
 
 
@@ -223,7 +222,7 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[list[dict[st
 
 
 def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
-                  fetcher: shardio.ShardFetcher) -> Iterator[dict[str, Any]]:
+                  fetcher: ShardFetcher) -> Iterator[dict[str, Any]]:
     """One unit's micro-batches in its delivery order, shards fetched ahead on threads."""
     idx, valid = plan.slots(unit)
     positions = plan.remaining.at(idx)
@@ -242,7 +241,7 @@ def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
             buf = fetcher.fetch(url)
         except FileNotFoundError:
             return _Shard([], f"{url}: shard listed in index.json is missing")
-        samples, error = shardio.read_samples(buf, url)
+        samples, error = read_samples(buf, url)
         if len(samples) > job.shard_sizes[s]:
             log.warning("%s holds %d samples, index.json says %d: the extra ones are never read",
                         url, len(samples), job.shard_sizes[s])
@@ -303,14 +302,14 @@ def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndar
                 if sample is None:
                     raise ValueError(sh.error or "sample missing from shard")
                 captions.append(_fill(job, sample, latents[i], None if text is None else text[i]))
-            except (KeyError, ValueError, UnicodeDecodeError) as e:
+            except ValueError as e:
                 latents[i].zero_()
                 if text is not None:
                     text[i].zero_()
                 captions.append("")
                 ok[i] = False
                 if valid[i]:  # padding repeats a sample already reported
-                    corrupt.append((job.names[s], key, str(e)))
+                    corrupt.append((job.names[s], key, e.why if isinstance(e, BadSample) else str(e)))
             keys.append(key)
     views["image_latents"].copy_(latents[:, job.image_frame])
     return {"_buffer": buffer, "valid": ok, "captions": captions, "keys": keys, "positions": positions.copy(),
@@ -331,28 +330,21 @@ def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
 
 
 def _fill(job: _Pass, sample: dict[str, Any], latents: torch.Tensor, text: torch.Tensor | None) -> str:
-    """Decode one sample into its slots; returns its caption. Raises on anything malformed."""
-    lat = shardio.npy_view(sample["latents.npy"])
-    if lat.shape != job.latent_shape:
-        raise ValueError(f"latents shape {lat.shape}, index.json says {job.latent_shape}")
-    if text is not None:
-        txt = shardio.npy_view(sample["text.npy"])
-        if txt.shape != job.text_shape:
-            raise ValueError(f"text states shape {txt.shape}, index.json says {job.text_shape}")
-        _cast_into(text, txt)
-    _cast_into(latents, lat)
-    if "txt" in sample:
-        return bytes(sample["txt"]).decode("utf-8")
-    meta = json.loads(bytes(sample["json"]))
-    return str(meta.get("caption", "")) if isinstance(meta, dict) else ""
+    """Decode one sample into its slots; returns its caption. Raises BadSample on anything
+    outside the contract (the very check `data_tools validate` makes)."""
+    decoded = decode_sample(sample, sample["__url__"], latent_shape=job.latent_shape, text_shape=job.text_shape)
+    if text is not None and decoded.text is not None:  # decode_sample requires it when text is set
+        _cast_into(text, decoded.text)
+    _cast_into(latents, decoded.latents)
+    return decoded.caption
 
 
 # --------------------------------------------------------------------------- main side
 
 
 def _fingerprint(index: dict[str, Any]) -> str:
-    shards = [[s["name"], int(s["samples"])] for s in index["shards"]]
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+    entries = [[s["name"], int(s["samples"])] for s in index["shards"]]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 class LatentLoader:

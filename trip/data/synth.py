@@ -1,7 +1,7 @@
 """Small synthetic latent datasets written through the real shard contract.
 
 Tests and `bench/loader.py` need datasets of chosen shapes and (uneven) shard sizes on
-local disk or object storage; writing them with `data_tools.shards.ShardWriter` keeps
+local disk or object storage; writing them with `trip.data.shards.ShardWriter` keeps
 the loader honest against the very bytes preprocessing produces. No binary test data
 lives in git: everything is generated on the fly from a seed.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.shards import ShardWriter, build_index, write_index
+from trip.data.shards import ShardWriter, build_index, write_index
 
 
 def sample_key(shard: int, ordinal: int) -> str:

@@ -1,11 +1,11 @@
 """A latent shard set as an evaluation input: shards -> latents -> codec -> frames.
 
 The reference clips of a training run usually exist only as latent shards (the shard
-contract in data_tools/shards.py). Decoding them through the codec that wrote them
+contract in trip/data/shards.py). Decoding them through the codec that wrote them
 (named in index.json; a VAE path can be overridden) gives the frames the model was
 trained to reproduce, so FVD/FID can compare against exactly the training distribution
 without keeping the source videos. Shards are read with the loader's own safe reader
-(`.npy` only, no pickle) and decoded one clip at a time.
+and contract check (`.npy` only, no pickle) and decoded one clip at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from data_tools.shards import INDEX_NAME, read_index
 from trip import storage
+from trip.data.shards import INDEX_NAME, BadSample, Sample, decode_sample, read_index, read_samples
 
 
 def is_shard_set(root: str) -> bool:
@@ -24,11 +24,9 @@ def is_shard_set(root: str) -> bool:
     return storage.exists(storage.join(root, INDEX_NAME))
 
 
-def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterator[dict]:
-    """The first `limit` samples of a shard set, in index order, each with its latents.npy;
-    a corrupt shard or a sample without latents is an error naming the shard."""
-    from trip.data.shardio import read_samples
-
+def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterator[Sample]:
+    """The first `limit` samples of a shard set, in index order, decoded and checked against
+    index.json; a corrupt shard or sample is an error naming the shard (and the member)."""
     n = 0
     for entry in index["shards"]:
         url = storage.join(prefix, entry["name"])
@@ -38,25 +36,27 @@ def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterato
         for sample in samples:
             if limit is not None and n >= limit:
                 return
-            if "latents.npy" not in sample:
-                raise ValueError(f"shard {url}: sample {sample['__key__']} has no latents.npy")
+            try:
+                decoded = decode_sample(sample, url, latent_shape=index["latent_shape"],
+                                        text_shape=index.get("text_shape"))
+            except BadSample as e:
+                raise ValueError(f"shard {e}") from None
             n += 1
-            yield sample
+            yield decoded
 
 
 def load_shard_clips(prefix: str, limit: int | None = None, codec_path: str | None = None,
                      num_frames: int | None = None) -> dict[str, np.ndarray]:
     """{sample key: uint8 frames [T, H, W, 3]} for the first `limit` samples of a shard set."""
     from data_tools.check import build_codec_from_index
-    from trip.data.shardio import npy_view
 
     index = read_index(prefix)
     codec = build_codec_from_index(index, codec_path)
     clips: dict[str, np.ndarray] = {}
     for sample in first_samples(prefix, index, limit):
-        latents = npy_view(sample["latents.npy"])[:num_frames]
+        latents = sample.latents[:num_frames]
         frames = codec.decode(torch.from_numpy(latents.astype(np.float32)))  # [T, 3, H, W] in [0, 1]
-        clips[sample["__key__"]] = (frames * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        clips[sample.key] = (frames * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if not clips:
         raise ValueError(f"shard set {prefix} has no samples")
     return clips

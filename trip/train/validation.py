@@ -69,18 +69,17 @@ class ValidationSet:
     @classmethod
     def load(cls, prefix: str, count: int, image_frame: int = 0, text: bool = True) -> ValidationSet:
         """The first `count` samples of the shard set at `prefix` (fewer if it has fewer)."""
-        from data_tools.shards import read_index
-        from trip.data.shardio import npy_view
+        from trip.data.shards import read_index
         from trip.eval.shardset import first_samples
 
         lat, txt, keys = [], [], []
         try:
             index = read_index(prefix)
             for sample in first_samples(prefix, index, count):
-                lat.append(torch.from_numpy(npy_view(sample["latents.npy"]).astype(np.float32)))
-                if text and "text.npy" in sample:
-                    txt.append(torch.from_numpy(npy_view(sample["text.npy"]).astype(np.float32)))
-                keys.append(sample["__key__"])
+                lat.append(torch.from_numpy(sample.latents.astype(np.float32)))
+                if text and sample.text is not None:
+                    txt.append(torch.from_numpy(sample.text.astype(np.float32)))
+                keys.append(sample.key)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"data.validation: {e}") from e
         except ValueError as e:
