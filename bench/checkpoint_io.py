@@ -65,8 +65,8 @@ def raw_put_seconds(found, work: str, rounds: int, endpoint: str) -> tuple[float
 def measure(world: int, steps: int, rounds: int, work: str, proxy, bucket: str, direct: str) -> dict:
     import ray
 
+    from data_tools.synth import write_synthetic_dataset
     from pipelines.train import run_training
-    from trip.data.synth import write_synthetic_dataset
     from trip.train import checkpoint as ckpt
     from trip.train.callbacks import RecordSteps
 

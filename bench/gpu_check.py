@@ -384,7 +384,7 @@ def ray_config(data: str, storage_path: str, steps: int, divisor: int = 1, **kw:
 
 def write_ray_dataset(prefix: str, cfg: Any, samples: int = 32, shards: int = 2) -> dict[str, Any]:
     """Synthetic latent shards of the model's shapes ([F, C, h, w] latents, [77, D] text)."""
-    from trip.data.synth import write_synthetic_dataset
+    from data_tools.synth import write_synthetic_dataset
 
     m = cfg.model
     per = -(-samples // shards)

@@ -34,10 +34,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from bench.common import free_port, print_table, row
+from data_tools.synth import write_synthetic_dataset
 from trip import storage
 from trip.config import DataConfig
 from trip.data import LatentLoader
-from trip.data.synth import write_synthetic_dataset
 
 LATENT_SHAPE = (16, 4, 32, 32)
 TEXT_SHAPE = (77, 64)

@@ -159,9 +159,9 @@ def stack_run(workers: int, steps: int, workdir: str, bucket: str, tag: str = ""
     Each call is a new run (`tag` in its name): the same name would resume the last one."""
     import ray
 
+    from data_tools.synth import write_synthetic_dataset
     from pipelines.train import run_training
     from trip.config import load_config
-    from trip.data.synth import write_synthetic_dataset
 
     data = os.path.join(workdir, "data")
     if not os.path.exists(data):

@@ -43,9 +43,9 @@ def stall_fraction(rows: list[dict], windows: list[tuple[float, float]], every: 
 
 def main(steps: int = 160, every: int = 40) -> list[dict]:
     from bench.common import row
+    from data_tools.synth import write_synthetic_dataset
     from pipelines.train import run_training
     from trip.config import load_config
-    from trip.data.synth import write_synthetic_dataset
     from trip.log import init_ray
     from trip.train.checkpoint import RunDir
 

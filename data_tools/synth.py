@@ -12,18 +12,27 @@ Layout written under `out/`:
     holdout/<i>.png + holdout/captions.csv   first frames of extra, unseen videos
     holdout/<i>.mp4                   those videos whole: what a sample of <i>.png should show
     holdout/results.csv               the same videos as a WebVid-format CSV (a validation set)
+
+Beside them, `write_synthetic_dataset` writes latent shard sets of chosen shapes and
+(uneven) shard sizes straight through the shard contract's writer
+(`trip.data.shards.ShardWriter`), for the loader's tests and benchmarks: the loader is
+then tested against the very bytes preprocessing produces.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
 from PIL import Image
+
+from trip.data.shards import ShardWriter, build_index, write_index
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
@@ -173,3 +182,38 @@ def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frame
                        "shape": motion.shape, "color": motion.color, "direction": motion.direction})
     write_csv(os.path.join(folder, "captions.csv"), rows, columns=["file", "caption"])
     write_csv(os.path.join(folder, "results.csv"), webvid)
+
+
+# --------------------------------------------------------------------------- latent shard sets
+
+
+def sample_key(shard: int, ordinal: int) -> str:
+    return f"s{shard:04d}_{ordinal:05d}"
+
+
+def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
+                            latent_shape: Sequence[int] = (4, 3, 4, 4),
+                            text_shape: Sequence[int] | None = (5, 8), seed: int = 0) -> dict[str, Any]:
+    """Write shards of random latents (+ text states) and index.json under `prefix`.
+
+    Sample `sample_key(s, i)` carries its identity in its latents: frame 0, channel 0 holds
+    s at pixel (0, 0) and i at pixel (0, 1) (exact in float16 below 2048), so a test can
+    check that every delivered tensor belongs to its key.
+    Returns the index dict.
+    """
+    rng = np.random.default_rng(seed)
+    infos = []
+    for s, n in enumerate(shard_sizes):
+        writer = ShardWriter(prefix, s)
+        for i in range(n):
+            lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
+            lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
+            text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
+            key = sample_key(s, i)
+            writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
+        infos.append(writer.commit())
+    index = build_index(infos, latent_shape=list(latent_shape),
+                        text_shape=list(text_shape) if text_shape else None,
+                        codec={"kind": "synthetic", "scaling_factor": 1.0}, text_encoder=None)
+    write_index(prefix, index)
+    return index

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from data_tools.synth import sample_key, write_synthetic_dataset
 from trip import storage
 from trip.config import DataConfig
 from trip.data import CorruptDataError, LatentLoader
-from trip.data.synth import sample_key, write_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -48,7 +48,7 @@ def _config(storage: str, data: str, name: str, steps: int, debug_extra: dict | 
 
 def _local_dataset(tmp_path: Path) -> str:
     """Data on local disk, so that the S3 traffic is checkpoint traffic only."""
-    from trip.data.synth import write_synthetic_dataset
+    from data_tools.synth import write_synthetic_dataset
 
     data = str(tmp_path / "data")
     write_synthetic_dataset(data, [16, 16], latent_shape=(8, 192, 4, 4), text_shape=None)

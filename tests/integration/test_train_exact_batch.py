@@ -76,7 +76,7 @@ def _consolidate_live(out: Path, world: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_and_three(tmp_path_factory):
-    from trip.data.synth import write_synthetic_dataset
+    from data_tools.synth import write_synthetic_dataset
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
     tmp = tmp_path_factory.mktemp("exact")

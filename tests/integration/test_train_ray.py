@@ -44,7 +44,7 @@ VALIDATED = {"train.validate_every": 2, "train.validation_samples": 4, "train.va
 
 
 def make_config(bucket: str, name: str, steps: int, port: int = 0, **extra: object):
-    from trip.data.synth import write_synthetic_dataset
+    from data_tools.synth import write_synthetic_dataset
 
     data = f"{bucket}/data"
     from trip import storage

@@ -16,6 +16,7 @@ import pytest
 
 from data_tools.check import check_shard, validate_dataset
 from data_tools.cli import main as data_tools_main
+from data_tools.synth import sample_key, write_synthetic_dataset
 from trip.config import DataConfig
 from trip.data import LatentLoader
 from trip.data.shards import (
@@ -33,7 +34,6 @@ from trip.data.shards import (
     tar_members,
     write_index,
 )
-from trip.data.synth import sample_key, write_synthetic_dataset
 
 
 def _tar(members: dict[str, bytes], long_name: bool = False) -> bytes:

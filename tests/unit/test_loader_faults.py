@@ -11,9 +11,9 @@ import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from data_tools.synth import sample_key, write_synthetic_dataset
 from trip.config import DataConfig
 from trip.data import LatentLoader
-from trip.data.synth import sample_key, write_synthetic_dataset
 
 SIZES = [6, 9, 5, 8]
 

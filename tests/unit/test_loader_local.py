@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
+from data_tools.synth import sample_key, write_synthetic_dataset
 from trip.config import DataConfig
 from trip.data import CorruptDataError, LatentLoader
 from trip.data.plan import EpochOrder
-from trip.data.synth import sample_key, write_synthetic_dataset
 
 SIZES = [10, 7, 13, 10, 9, 11]  # 60 samples, uneven shards
 ALL = {sample_key(s, i) for s, n in enumerate(SIZES) for i in range(n)}

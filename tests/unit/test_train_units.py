@@ -236,8 +236,8 @@ def test_bad_config_fails_before_any_worker_starts(override, message, tmp_path, 
 
 
 def test_dataset_shape_mismatch_is_named(tmp_path):
+    from data_tools.synth import write_synthetic_dataset
     from pipelines.train import validate
-    from trip.data.synth import write_synthetic_dataset
 
     write_synthetic_dataset(str(tmp_path / "data"), [8], latent_shape=(8, 12, 4, 4), text_shape=None)
     cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"])
@@ -246,8 +246,8 @@ def test_dataset_shape_mismatch_is_named(tmp_path):
 
 
 def test_a_missing_base_model_is_named_before_any_worker_starts(tmp_path):
+    from data_tools.synth import write_synthetic_dataset
     from pipelines.train import validate
-    from trip.data.synth import write_synthetic_dataset
 
     write_synthetic_dataset(str(tmp_path / "data"), [16], latent_shape=(8, 192, 4, 4), text_shape=None)
     cfg = load_config(TINY, [f"data.dataset={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
