@@ -127,7 +127,7 @@ def test_vae_and_clip_job_from_and_to_s3(ray_local, s3_server, local_data) -> No
             want = direct.encode_frames(clip.frames[None])[0]
             np.testing.assert_allclose(sample.latents.astype(np.float32), want.astype(np.float32),
                                        atol=2e-3, rtol=2e-3)
-            np.testing.assert_array_equal(sample["text"], direct.encode_text([row.caption])[0])
+            np.testing.assert_array_equal(sample.text, direct.encode_text([row.caption])[0])
             seen.append(row.videoid)
     assert seen == [r.videoid for r in rows]
 

@@ -59,10 +59,13 @@ current epoch and stops; the epoch then advances and iterating again runs the ne
 Leaving the loop early keeps the position, so iterating again continues the same epoch.
 
 Faults: shards are fetched whole with retries and backoff (`data.retries`); a shard
-still unreachable after them stops the pass with an OSError naming it. A corrupt or
-truncated sample, or a shard that is missing or not a valid tar, is logged with shard
-and key, counted (`corrupt_samples`, for `trip_data_corrupt_samples_total`) and
-delivered as an all-zero slot with `valid=False`. When a rank's corrupt count in a pass
+still unreachable after them stops the pass with an OSError naming it. A sample outside
+the shard contract (`trip.data.shards.decode_sample`, the check `data_tools validate`
+makes: a member missing or unreadable, wrong shape or dtype, NaN or inf) or cut off by a
+truncated tar, or a shard that is missing or not a valid tar, is logged with shard
+and key (`#<ordinal>` for a sample the tar walk never reached), counted
+(`corrupt_samples`, for `trip_data_corrupt_samples_total`) and delivered as an all-zero
+slot with `valid=False`. When a rank's corrupt count in a pass
 exceeds `max_corrupt_fraction` of the samples dealt to it, `CorruptDataError` names the
 shards. The count is per rank: a whole bad shard weighs on the one rank that reads it.
 
