@@ -16,10 +16,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from data_tools.check import validate_dataset
-from data_tools.shards import read_shard
 from data_tools.synth import make_dataset, write_csv
 from pipelines.preprocess import run_preprocess
 from trip.config import CodecConfig, PreprocessConfig
+from trip.data.shards import read_shard
 
 pytestmark = pytest.mark.integration
 
@@ -100,10 +100,10 @@ def test_flaky_http_videos_are_all_encoded_and_the_404_is_listed(ray_two_cpus, v
 
     index, problems = validate_dataset(out)
     assert problems == [] and index["num_samples"] == 5 and index["num_errors"] == 1
-    samples = [s for e in index["shards"] for s in read_shard(f"{out}/{e['name']}")]
-    assert [s["json"]["videoid"] for s in samples] == [r["videoid"] for i, r in enumerate(rows) if i != 2]
+    samples = [s for e in index["shards"] for s in read_shard(f"{out}/{e['name']}").samples]
+    assert [s.meta["videoid"] for s in samples] == [r["videoid"] for i, r in enumerate(rows) if i != 2]
     for s in samples:
-        assert s["json"]["source_url"] == rows[int(s["__key__"])]["contentUrl"].split("?")[0]
+        assert s.meta["source_url"] == rows[int(s.key)]["contentUrl"].split("?")[0]
     with open(os.path.join(out, "errors.jsonl")) as f:
         errors = [json.loads(line) for line in f]
     gone = rows[2]["contentUrl"].split("?")[0]
