@@ -133,8 +133,8 @@ class ClipEncoder:
         outs = []
         for start in range(0, n * f, self.batch_size):
             chunk = flat[start:start + self.batch_size].permute(0, 3, 1, 2).float() / 255.0
-            outs.append(self.codec.encode(chunk).float().cpu())
-        lat = torch.cat(outs).numpy().astype(np.float16)
+            outs.append(self.codec.encode(chunk).to("cpu", torch.float16))
+        lat = torch.cat(outs).numpy()
         return lat.reshape(n, f, *lat.shape[1:])
 
     def encode_text(self, captions: list[str]) -> np.ndarray | None:

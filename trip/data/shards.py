@@ -151,9 +151,18 @@ class ShardWriter:
         self.prefix = prefix
         self.name = shard_name(index)
         self.url = storage.join(prefix, self.name)
-        fd, self._tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tar")
+        # A local destination gets its partial file beside it (a hidden name no reader lists),
+        # so the commit is a rename, not a second write of every byte; object storage gets a
+        # local temporary file and one upload.
+        self._dest = storage.local_path(self.url)
+        folder = None
+        if self._dest is not None:
+            folder = os.path.dirname(os.path.abspath(self._dest))
+            os.makedirs(folder, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.partial-", suffix=".tar", dir=folder)
         os.close(fd)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar.copybufsize = 8 << 20  # members are written in one call, not 16 KiB pieces
         self.samples = 0
         self._sum: np.ndarray | None = None
         self._sumsq: np.ndarray | None = None
@@ -173,7 +182,7 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if latents.ndim != 4:
             raise ValueError(f"latents for {key} must be [F, C, h, w], got shape {latents.shape}")
-        lat = latents.astype(SAMPLE_DTYPE)
+        lat = latents.astype(SAMPLE_DTYPE, copy=False)
         self._add_member(f"{key}.latents.npy", npy_bytes(lat))
         if text is not None:
             if text.ndim != 2:
@@ -181,9 +190,10 @@ class ShardWriter:
             self._add_member(f"{key}.text.npy", npy_bytes(text.astype(SAMPLE_DTYPE)))
         self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self._add_member(f"{key}.txt", caption.encode())
-        x = lat.astype(np.float64)
-        s = x.sum(axis=(0, 2, 3))
-        sq = (x * x).sum(axis=(0, 2, 3))
+        # float16 values square exactly in float32; the sums accumulate in float64
+        x = lat.astype(np.float32)
+        s = x.sum(axis=(0, 2, 3), dtype=np.float64)
+        sq = np.square(x).sum(axis=(0, 2, 3), dtype=np.float64)
         self._sum = s if self._sum is None else self._sum + s
         self._sumsq = sq if self._sumsq is None else self._sumsq + sq
         self._count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -194,18 +204,15 @@ class ShardWriter:
         self._tar.close()
         try:
             size = os.path.getsize(self._tmp)
-            dest = storage.local_path(self.url)
-            if dest is None:
+            if self._dest is None:
                 fs, path = storage.filesystem(self.url)
                 storage.retry(lambda: fs.put_file(self._tmp, path), what=f"upload of {self.url}")
             else:
-                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-                tmp_dest = os.path.join(os.path.dirname(os.path.abspath(dest)), f".{self.name}.tmp")
-                with open(self._tmp, "rb") as src, open(tmp_dest, "wb") as dst:
-                    dst.write(src.read())
-                os.replace(tmp_dest, dest)
+                os.chmod(self._tmp, 0o644)  # mkstemp's 0600 would hide the shard from other users
+                os.replace(self._tmp, self._dest)
         finally:
-            os.unlink(self._tmp)
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
         return ShardInfo(
             name=self.name, samples=self.samples, bytes=size,
             channel_sum=[] if self._sum is None else self._sum.tolist(),
