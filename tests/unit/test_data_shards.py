@@ -166,6 +166,22 @@ def test_what_the_writer_writes_the_reader_reads_back_and_the_index_agrees(tmp_p
         read_index(prefix)
 
 
+def test_a_shard_is_invisible_until_committed_and_a_killed_attempt_leaves_nothing_behind(tmp_path: Path) -> None:
+    prefix = tmp_path / "ds"
+    lat = np.zeros((1, 2, 2, 2), np.float16)
+    killed = ShardWriter(str(prefix), 0)  # an attempt that never commits nor aborts (SIGKILL)
+    killed.add("a", lat, {}, "x")
+    (partial,) = prefix.iterdir()  # a hidden name beside the shard, which no reader lists
+    assert partial.name.startswith(".shard-000000.tar.partial-")
+    assert not (prefix / "shard-000000.tar").exists()
+    retry = ShardWriter(str(prefix), 0)
+    retry.add("a", lat, {}, "x")
+    info = retry.commit()
+    assert sorted(p.name for p in prefix.iterdir()) == ["shard-000000.tar"]
+    assert info.bytes == (prefix / "shard-000000.tar").stat().st_size
+    assert oct((prefix / "shard-000000.tar").stat().st_mode & 0o777) == oct(0o644)
+
+
 def _member_offset(path: Path, member: str) -> int:
     with tarfile.open(path) as tar:
         return tar.getmember(member).offset_data

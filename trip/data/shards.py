@@ -27,6 +27,7 @@ are refused: the equivalent of `np.load(..., allow_pickle=False)`). Only `.npy`,
 
 from __future__ import annotations
 
+import glob
 import http.client
 import io
 import json
@@ -159,6 +160,8 @@ class ShardWriter:
         if self._dest is not None:
             folder = os.path.dirname(os.path.abspath(self._dest))
             os.makedirs(folder, exist_ok=True)
+            for stale in glob.glob(os.path.join(glob.escape(folder), f".{self.name}.partial-*")):
+                os.unlink(stale)  # left by an attempt at this shard that was killed
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.partial-", suffix=".tar", dir=folder)
         os.close(fd)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
