@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
+
+from trip.metrics import serve_metrics
 
 STATUSES = ("ok", "skipped", "error")
 
@@ -35,5 +37,5 @@ def start_exporter(port: int, addr: str = "0.0.0.0") -> WSGIServer | None:
     """Serve /metrics on `port` in a daemon thread (0 disables); returns the server or None."""
     if not port:
         return None
-    server, _ = start_http_server(port, addr=addr)
+    server, _ = serve_metrics(port, addr, setting="preprocess.metrics_port")
     return server

@@ -11,11 +11,19 @@ The Grafana dashboard and alert rules in monitoring/ use exactly the names below
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -35,6 +43,21 @@ def safe_label(value: str, what: str) -> str:
         raise ValueError(f"{what}={value!r} is not usable as a metric label "
                          "(letters, digits, '_', '.', ':', '-' only, at most 128)")
     return value
+
+
+def serve_metrics(port: int, addr: str, registry: CollectorRegistry = REGISTRY, *, setting: str = "metrics.port"):
+    """Serve `registry` on http://addr:port/metrics in a daemon thread; returns (server, thread).
+
+    A port already taken (another run or exporter on this host) is an OSError that names the
+    port and the setting to change, instead of the bare "Address already in use"."""
+    try:
+        return start_http_server(port, addr=addr, registry=registry)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(e.errno, f"Prometheus exporter: port {port} on {addr or '0.0.0.0'} is already in use "
+                               f"on {socket.gethostname()} (another run on this host?); set {setting} to a "
+                               "free port, or 0 for no exporter") from e
 
 
 class NullMetrics:
@@ -99,7 +122,7 @@ class TrainMetrics(NullMetrics):
         if torch.cuda.is_available():
             self._gpu = (bound(Gauge("trip_gpu_memory_allocated_bytes", "CUDA memory allocated", names, registry=r)),
                          bound(Gauge("trip_gpu_memory_reserved_bytes", "CUDA memory reserved", names, registry=r)))
-        self._server, self._thread = start_http_server(port, addr=addr, registry=r)
+        self._server, self._thread = serve_metrics(port, addr, r)
         self.url = f"http://{'127.0.0.1' if addr in ('', '0.0.0.0') else addr}:{port}/metrics"
 
     def step(self, *, seconds: float, samples: int, loss: float, grad_norm: float,

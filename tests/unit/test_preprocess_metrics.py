@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
+
+import pytest
 
 from data_tools import metrics
 from tests.conftest import free_port
@@ -26,3 +29,15 @@ def test_exporter_serves_bounded_status_series() -> None:
     assert f'trip_preprocess_videos_total{{status="skipped"}} {before + 1}' in text
     assert "trip_preprocess_bytes_total" in text
     assert 'trip_preprocess_encode_seconds_bucket{le="0.05"}' in text
+
+
+def test_a_taken_port_is_an_error_naming_the_port_and_the_setting() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=rf"port {port} on 127.0.0.1 is already in use .*preprocess.metrics_port"):
+            metrics.start_exporter(port, addr="127.0.0.1")
+    finally:
+        taken.close()

@@ -201,9 +201,9 @@ class ValidationMetrics:
     def __init__(self, run: str, port: int, addr: str = "0.0.0.0") -> None:
         import socket
 
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, Gauge
 
-        from trip.metrics import LABELS, safe_label
+        from trip.metrics import LABELS, safe_label, serve_metrics
 
         r = CollectorRegistry()
         labels = {"run": safe_label(run, "run.name"), "rank": "validation",
@@ -213,7 +213,7 @@ class ValidationMetrics:
                        for name, doc in VALIDATION_METRICS.items()}
         for gauge in self.gauges.values():
             gauge.set(math.nan)
-        self._server, _ = start_http_server(port, addr=addr, registry=r)
+        self._server, _ = serve_metrics(port, addr, r, setting="metrics.port (validation serves metrics.port - 1)")
         self.url = f"http://{'127.0.0.1' if addr in ('', '0.0.0.0') else addr}:{port}/metrics"
 
     def record(self, step: int, figures: dict[str, Any]) -> None:
