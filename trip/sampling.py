@@ -113,7 +113,8 @@ def cli(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "guidance_scale": args.guidance_scale,
                                    "seed": args.seed, "fps": args.fps}.items() if v is not None}
     sample_cfg = replace(sample_cfg, **overrides)
-    size = pipe.image_size
+    trained_h, trained_w = pipe.frame_size
+    size = (getattr(args, "height", None) or trained_h, getattr(args, "width", None) or trained_w)
     os.makedirs(args.out, exist_ok=True)
     for path in args.image:
         if not os.path.isfile(path):

@@ -80,6 +80,9 @@ def test_trip_sample_cli_writes_an_mp4_and_a_gif_per_image(tmp_path, tiny_model_
                       "--out", str(tmp_path / "out"), "--seed", "1"]) == 0
     assert read_frames(str(tmp_path / "out" / "first.mp4")).shape == (4, 3, 16, 16)
     assert read_frames(str(tmp_path / "out" / "first.gif")).shape[0] == 4
+    assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "first.png"),
+                      "--out", str(tmp_path / "wide"), "--height", "16", "--width", "24"]) == 0
+    assert read_frames(str(tmp_path / "wide" / "first.mp4")).shape == (4, 3, 16, 24)
 
 
 def test_trip_sample_cli_names_a_missing_image(tmp_path, tiny_model_config, capsys):
