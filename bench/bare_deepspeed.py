@@ -42,7 +42,7 @@ def step_times(config: str, overrides: list[str], steps: int) -> list[float]:
                           world_size=world, on_gpu=False)
     engine, *_ = deepspeed.initialize(model=TRIPObjective(model), model_parameters=params, config=ds)
     m, b = cfg.model, cfg.data.micro_batch_size
-    latents = torch.randn(b, m.latent_channels, m.num_frames, m.latent_size, m.latent_size)
+    latents = torch.randn(b, m.latent_channels, m.num_frames, *m.latent_hw)
     image = latents[:, :, 0].contiguous()
     times = []
     for _ in range(steps):

@@ -389,7 +389,7 @@ def write_ray_dataset(prefix: str, cfg: Any, samples: int = 32, shards: int = 2)
     m = cfg.model
     per = -(-samples // shards)
     return write_synthetic_dataset(prefix, [per] * shards,
-                                   latent_shape=(m.num_frames, m.latent_channels, m.latent_size, m.latent_size),
+                                   latent_shape=(m.num_frames, m.latent_channels, *m.latent_hw),
                                    text_shape=(77, m.unet.cross_attention_dim))
 
 

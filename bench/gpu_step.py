@@ -49,8 +49,8 @@ def _setup(batch: int):
     groups = model.param_groups()
     opt = torch.optim.AdamW([{"params": groups["unet"], "lr": 1e-6}, {"params": groups["fusion"], "lr": 1e-5}],
                             fused=True)
-    c, f, s = mcfg.latent_channels, mcfg.num_frames, mcfg.latent_size
-    lat = torch.randn(batch, c, f, s, s, device="cuda")
+    c, f, (h, w) = mcfg.latent_channels, mcfg.num_frames, mcfg.latent_hw
+    lat = torch.randn(batch, c, f, h, w, device="cuda")
     img = lat[:, :, 0].clone()
     text = torch.randn(batch, 77, mcfg.unet.cross_attention_dim, device="cuda")
     return objective, opt, (lat, img, text)

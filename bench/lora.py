@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         full, n_full = _engine(cfg, None)
         adapted, n_lora = _engine(cfg, lora)
     torch.manual_seed(1)
-    c, f, s = cfg.latent_channels, cfg.num_frames, cfg.latent_size
-    latents = torch.randn(batch, c, f, s, s)
+    c, f, (h, w) = cfg.latent_channels, cfg.num_frames, cfg.latent_hw
+    latents = torch.randn(batch, c, f, h, w)
     image = latents[:, :, 0].contiguous()
 
     def step(engine: Any):

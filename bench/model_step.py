@@ -55,8 +55,8 @@ def load_config_base() -> ModelConfig:
 
 def measure(name: str, cfg: ModelConfig, batch: int, device: str, dtype: torch.dtype, iters: int) -> list[dict]:
     torch.manual_seed(0)
-    c, f, s = cfg.latent_channels, cfg.num_frames, cfg.latent_size
-    lat = torch.randn(batch, c, f, s, s, device=device, dtype=dtype)
+    c, f, (h, w) = cfg.latent_channels, cfg.num_frames, cfg.latent_hw
+    lat = torch.randn(batch, c, f, h, w, device=device, dtype=dtype)
     text = torch.randn(batch, 77 if device == "cuda" else 8, cfg.unet.cross_attention_dim, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)
 

@@ -13,9 +13,10 @@ userinfo: signed URLs carry credentials there).
 
 Sampling: F frames either at a target frame rate (frame k is the first source frame at
 or after `start_offset + k / fps`, within half a source frame; a slow source repeats frames) or every `frame_stride`-th source frame from the
-first frame at or after `start_offset`. Frames are resized by swscale (area filter) so
-the short side equals `resolution`, rotated upright by the stream's display matrix, and
-centre-cropped to `resolution x resolution`.
+first frame at or after `start_offset`. Frames are resized by swscale (area filter), aspect
+kept, to the smallest size that covers `resolution` (an int S: the short side becomes S; a
+pair (H, W): the frame covers H x W), rotated upright by the stream's display matrix, and
+centre-cropped to S x S or H x W: only the side in excess of the target's aspect is cut.
 
 Output: uint8 numpy [F, H, W, 3] (RGB), chosen over float tensors because clips cross
 process boundaries in Ray and uint8 is 4x smaller; `to_tensor` gives the float
@@ -35,6 +36,7 @@ import numpy as np
 
 from data_tools.fetch import Fetcher, FetchError, is_http, redact_url
 from trip import storage
+from trip.config import size_hw
 
 if TYPE_CHECKING:
     import torch
@@ -57,13 +59,13 @@ class SamplingSpec:
     fps: float | None = 4.0  # sample at this rate ...
     frame_stride: int | None = None  # ... or every n-th source frame
     start_offset: float = 0.0  # seconds
-    resolution: int = 32  # output is resolution x resolution
+    resolution: int | tuple[int, int] = 32  # output is S x S, or H x W for a pair (height, width)
     threads: int = 1  # decoder threads (0: let FFmpeg choose)
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.frame_stride is None):
             raise ValueError("set exactly one of fps and frame_stride")
-        if self.num_frames < 1 or self.resolution < 1:
+        if self.num_frames < 1 or min(size_hw(self.resolution)) < 1:
             raise ValueError("num_frames and resolution must be >= 1")
 
 
@@ -82,17 +84,21 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(w, h) with the short side equal to `resolution`, aspect ratio kept."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+def resized_size(width: int, height: int, resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of the smallest aspect-kept resize that covers `resolution` (S: the short side
+    becomes S; (H, W): both w >= W and h >= H, one of them equal), so the centre crop to it
+    cuts only the excess of one side."""
+    out_h, out_w = size_hw(resolution)
+    scale = max(out_h / height, out_w / width)  # = S / min(width, height) for a square target
+    return max(out_w, round(width * scale)), max(out_h, round(height * scale))
 
 
-def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] -> [size, size, 3] from the middle."""
+def centre_crop(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """[h, w, 3] -> [H, W, 3] (an int S: [S, S, 3]) from the middle."""
+    out_h, out_w = size_hw(size)
     h, w = image.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[top:top + size, left:left + size]
+    top, left = (h - out_h) // 2, (w - out_w) // 2
+    return image[top:top + out_h, left:left + out_w]
 
 
 class _Missing(Exception):
@@ -181,12 +187,14 @@ def _select(frames: Iterator[av.VideoFrame], spec: SamplingSpec,
 
 
 def _to_array(frame: av.VideoFrame, spec: SamplingSpec) -> np.ndarray:
-    w, h = resized_size(frame.width, frame.height, spec.resolution)
-    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
     k = round((frame.rotation or 0) / 90) % 4  # display matrix angle is counter-clockwise
+    out_h, out_w = size_hw(spec.resolution)
+    stored = (out_w, out_h) if k % 2 else (out_h, out_w)  # the target as the stream stores it, before rotation
+    w, h = resized_size(frame.width, frame.height, stored)
+    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
     if k:
         rgb = np.rot90(rgb, k)
-    return np.ascontiguousarray(centre_crop(rgb, spec.resolution))
+    return np.ascontiguousarray(centre_crop(rgb, (out_h, out_w)))
 
 
 def _decode_open(container: av.container.InputContainer, url: str, spec: SamplingSpec) -> Clip:

@@ -27,7 +27,7 @@ import torch
 
 from trip import storage
 from trip.codec import LatentCodec, LosslessCodec, build_codec
-from trip.config import CodecConfig
+from trip.config import CodecConfig, show_size, size_hw
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -65,15 +65,16 @@ def codec_identity(cfg: CodecConfig) -> dict[str, Any]:
             "downscale": 2 ** (len(vae.get("block_out_channels", [64])) - 1)}
 
 
-def latent_shape(cfg: CodecConfig, num_frames: int, resolution: int) -> list[int]:
-    """[F, C, h, w] of one clip's latents."""
+def latent_shape(cfg: CodecConfig, num_frames: int, resolution: int | tuple[int, int]) -> list[int]:
+    """[F, C, h, w] of one clip's latents (frames of `resolution`: S x S, or H x W for a pair)."""
     ident = codec_identity(cfg)
     channels = ident["latent_channels"] if cfg.kind == "vae" else 3 * cfg.downscale**2
     down = ident["downscale"]
-    if resolution % down:
-        raise ValueError(f"preprocess.resolution={resolution} is not divisible by the codec's "
+    height, width = size_hw(resolution)
+    if height % down or width % down:
+        raise ValueError(f"preprocess.resolution={show_size(resolution)} is not divisible by the codec's "
                          f"downscale {down}")
-    return [num_frames, channels, resolution // down, resolution // down]
+    return [num_frames, channels, height // down, width // down]
 
 
 def text_encoder_identity(path: str | None, max_length: int) -> dict[str, Any] | None:

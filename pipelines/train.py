@@ -56,11 +56,11 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"data.dataset: {e}") from e
     m = cfg.model
-    want = [m.num_frames, m.latent_channels, m.latent_size, m.latent_size]
+    want = [m.num_frames, m.latent_channels, *m.latent_hw]
     if list(index["latent_shape"]) != want:
         raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: latent_shape {index['latent_shape']} "
-                          f"does not match the model's [num_frames, latent_channels, latent_size, latent_size] "
-                          f"= {want}")
+                          f"does not match the model's [num_frames, latent_channels, h, w] "
+                          f"(model.latent_size) = {want}")
     text = index.get("text_shape")
     if cfg.data.text and text and text[-1] != m.unet.cross_attention_dim:
         raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: text states of width {text[-1]} "

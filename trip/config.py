@@ -30,6 +30,36 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and source."""
 
 
+Size = int | tuple[int, int]  # a frame or latent size: an int is square, a pair is (height, width)
+
+
+def size_hw(size: Size | list[int]) -> tuple[int, int]:
+    """(height, width) of a `Size`: an int s is (s, s)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def show_size(size: Size) -> str:
+    """A `Size` as the YAML that sets it: `8` or `[8, 12]`."""
+    return str(list(size)) if isinstance(size, tuple) else str(size)
+
+
+def normalise_size(size: Size | list[int], name: str) -> Size:
+    """A validated `Size` in its canonical form: a pair of equal sides becomes the int, so
+    `[s, s]` and `s` are one config (same hash, same model, same parameter names)."""
+    if isinstance(size, bool) or not isinstance(size, (int, tuple, list)):
+        raise ValueError(f"{name} must be an integer or a [height, width] pair, got {size!r}")
+    if not isinstance(size, int) and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in size)):
+        raise ValueError(f"{name} must be an integer or a [height, width] pair of integers, got {size!r}")
+    h, w = size_hw(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be >= 1, got {size!r}")
+    return h if h == w else (h, w)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -93,7 +123,7 @@ class ModelConfig:
 
     num_frames: int = 8  # frames per clip (paper: 16)
     latent_channels: int = 12  # C of the latents (UNet in/out channels follow from it)
-    latent_size: int = 8  # h = w of the latents (paper: 32)
+    latent_size: Size = 8  # latents: h = w, or [h, w] (paper: 32); TNF resamples its position grid for other sizes
     image_conditioning: Literal["temporal", "channel"] = "temporal"  # temporal: paper; channel: TRIP_C
     unet: UNetConfig = field(default_factory=UNetConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -109,13 +139,26 @@ class ModelConfig:
             raise ValueError("model.num_frames must be >= 2")
         if not 0.0 <= self.temporal_conv_dropout < 1.0:
             raise ValueError("model.temporal_conv_dropout must lie in [0, 1)")
-        if self.latent_size % self.fusion.patch_size:
-            raise ValueError(
-                f"model.latent_size={self.latent_size} must be divisible by "
-                f"fusion.patch_size={self.fusion.patch_size}"
-            )
-        if self.latent_size % (2 ** (len(self.unet.block_out_channels) - 1)):
-            raise ValueError("model.latent_size must be divisible by 2^(number of UNet levels - 1)")
+        self.latent_size = normalise_size(self.latent_size, "model.latent_size")
+        problem = latent_size_problem(self, self.latent_hw)
+        if problem:
+            raise ValueError(f"model.latent_size={show_size(self.latent_size)}: {problem}")
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(h, w) of the latents the model is configured for."""
+        return size_hw(self.latent_size)
+
+
+def latent_size_problem(cfg: ModelConfig, hw: tuple[int, int]) -> str | None:
+    """Why latents of (h, w) = `hw` cannot go through this model, or None when they can."""
+    p, down = cfg.fusion.patch_size, 2 ** (len(cfg.unet.block_out_channels) - 1)
+    for side in hw:
+        if side % p:
+            return f"{side} is not divisible by fusion.patch_size={p}"
+        if side % down:
+            return f"{side} is not divisible by 2^(number of UNet levels - 1) = {down}"
+    return None
 
 
 @dataclass(kw_only=True)
@@ -184,7 +227,7 @@ class PreprocessConfig:
     fps: float | None = 4.0  # sample at this frame rate (paper: 4) ...
     frame_stride: int | None = None  # ... or every n-th frame (set fps to null)
     start_offset: float = 0.0  # seconds skipped at the start of each video
-    resolution: int = 16  # short side resize, then centre crop to resolution^2 (paper: 256)
+    resolution: Size = 16  # frame size: an int S or [H, W]; scaled to cover it (aspect kept), then centre-cropped (paper: 256)
     min_duration: float | None = None  # drop rows shorter than this (seconds, CSV duration)
     max_duration: float | None = None  # drop rows longer than this (seconds)
     limit: int | None = None  # use at most this many rows (after filtering)
@@ -211,6 +254,7 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.frame_stride is None):
             raise ValueError("set exactly one of preprocess.fps and preprocess.frame_stride")
+        self.resolution = normalise_size(self.resolution, "preprocess.resolution")
         for name in ("fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_timeout_s", "fetch_max_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"preprocess.{name} must be > 0, got {getattr(self, name)}")
@@ -409,10 +453,11 @@ class Config:
                     f"model.latent_channels={m.latent_channels} does not match the lossless codec "
                     f"(3 * codec.downscale^2 = {3 * c.downscale**2})"
                 )
-            if p.resolution != m.latent_size * c.downscale:
+            want = tuple(s * c.downscale for s in m.latent_hw)
+            if size_hw(p.resolution) != want:
                 raise ValueError(
-                    f"preprocess.resolution={p.resolution} must equal model.latent_size * "
-                    f"codec.downscale = {m.latent_size * c.downscale}"
+                    f"preprocess.resolution={show_size(p.resolution)} must equal model.latent_size * "
+                    f"codec.downscale = {show_size(normalise_size(want, 'resolution'))}"
                 )
         if p.num_frames != m.num_frames:
             raise ValueError(

@@ -41,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import trip.codec  # noqa: F401 -- diffusers resolves our component classes from loaded modules only
 import trip.model.fusion  # noqa: F401
 from trip.codec import LatentCodec, LosslessCodec, VAECodec
+from trip.config import latent_size_problem, size_hw
 from trip.model import TRIPModel
 from trip.model import diffusers_layout as layout
 from trip.sampling import prepare_image
@@ -141,17 +142,26 @@ class TRIPPipeline(DiffusionPipeline):
         return self.vae if isinstance(self.vae, LosslessCodec) else VAECodec.of(self.vae)
 
     @property
-    def image_size(self) -> int:
-        """Side of the square frames this model makes (latent size x the codec's downscale)."""
-        return int(self.fusion.config.latent_size) * self.codec().downscale
+    def image_size(self) -> int | tuple[int, int]:
+        """Size of the frames this model was trained on (latent size x the codec's downscale): the
+        side S of a square model, (H, W) of a non-square one. `__call__` makes other sizes too."""
+        h, w = self.frame_size
+        return h if h == w else (h, w)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(H, W) of the frames this model was trained on."""
+        down = self.codec().downscale
+        h, w = size_hw(self.fusion.config.latent_size)
+        return h * down, w * down
 
     # ------------------------------------------------------------------ inputs
 
-    def _images(self, image: Any) -> torch.Tensor:
-        """PIL image(s) -> centre-cropped, resized [B, 3, S, S]; tensors must already be [B, 3, S, S]."""
+    def _images(self, image: Any, size: tuple[int, int]) -> torch.Tensor:
+        """PIL image(s) -> [B, 3, H, W], centre-cropped to the aspect of `size` and resized;
+        tensors must already be [B, 3, H, W]."""
         from PIL import Image
 
-        size = self.image_size
         if isinstance(image, Image.Image):
             image = [image]
         if isinstance(image, list) and image and all(isinstance(i, Image.Image) for i in image):
@@ -161,8 +171,9 @@ class TRIPPipeline(DiffusionPipeline):
             raise ValueError(f"image must be a PIL.Image, a list of them or a tensor, got {type(image).__name__}")
         if image.ndim == 3:
             image = image[None]
-        if image.ndim != 4 or tuple(image.shape[1:]) != (3, size, size):
-            raise ValueError(f"image: expected a tensor [B, 3, {size}, {size}] (or [3, {size}, {size}]) in [0, 1], "
+        h, w = size
+        if image.ndim != 4 or tuple(image.shape[1:]) != (3, h, w):
+            raise ValueError(f"image: expected a tensor [B, 3, {h}, {w}] (or [3, {h}, {w}]) in [0, 1], "
                              f"got {tuple(image.shape)}; PIL images are centre-cropped and resized, tensors are not")
         return image.float()
 
@@ -250,7 +261,7 @@ class TRIPPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, image: Any, prompt: str | list[str] | None = None, *, num_frames: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
@@ -258,12 +269,16 @@ class TRIPPipeline(DiffusionPipeline):
         """Generate videos whose first frame is `image`.
 
         Args:
-            image: a PIL image or a list of them (centre-cropped and resized to `image_size`),
-                or a float tensor [B, 3, S, S] / [3, S, S] in [0, 1] with S = `image_size`.
+            image: a PIL image or a list of them (centre-cropped to the aspect of height x width
+                and resized to it), or a float tensor [B, 3, height, width] / [3, height, width]
+                in [0, 1].
             prompt: a caption (or one per image); needs a text encoder. Or `prompt_embeds`
                 [B, L, D], text-encoder hidden states.
             num_frames: frames per video (default: the number the model was trained on; a TNF
                 model makes at most that many).
+            height, width: frame size in pixels (default: `frame_size`, what the model was
+                trained on). Other sizes work when their latents' sides divide by the UNet's
+                downsampling and the TNF patch size (TNF resamples its position embeddings).
             num_inference_steps: scheduler steps (paper: 50 DDIM steps).
             guidance_scale: classifier-free guidance on the caption; 1 disables it.
             eta: DDIM's eta (0: deterministic DDIM).
@@ -290,12 +305,20 @@ class TRIPPipeline(DiffusionPipeline):
                              f"for {cfg.num_frames} frames), got {frames}")
         device, dtype = self.unet.device, self.unet.dtype
         codec = self.codec()
-        images = self._images(image).to(device)
+        size = (height or self.frame_size[0], width or self.frame_size[1])
+        if size[0] % codec.downscale or size[1] % codec.downscale:
+            raise ValueError(f"height x width = {size[0]} x {size[1]} must divide by the codec's downscale "
+                             f"{codec.downscale}")
+        lat_h, lat_w = size[0] // codec.downscale, size[1] // codec.downscale
+        problem = latent_size_problem(cfg, (lat_h, lat_w))
+        if problem:
+            raise ValueError(f"height x width = {size[0]} x {size[1]} (latents {lat_h} x {lat_w}): {problem}")
+        images = self._images(image, size).to(device)
         b = images.shape[0]
         text = self._text(prompt, prompt_embeds, b, device, dtype)
         image_latents = codec.encode(images).to(device, dtype)
 
-        shape = (b, cfg.latent_channels, frames, cfg.latent_size, cfg.latent_size)
+        shape = (b, cfg.latent_channels, frames, lat_h, lat_w)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             z = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

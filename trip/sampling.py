@@ -20,17 +20,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trip.config import CodecConfig, SampleConfig, config_from_dict
+from trip.config import CodecConfig, SampleConfig, config_from_dict, size_hw
 
 
-def prepare_image(frame: torch.Tensor, size: int) -> torch.Tensor:
-    """[3, H, W] in [0, 1] -> centre-cropped square resized to size x size."""
+def prepare_image(frame: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """[3, h, w] in [0, 1] -> [3, H, W]: the largest centred crop of the target's aspect, resized
+    to H x W (an int S: a centred square resized to S x S), as preprocessing crops clips."""
+    out_h, out_w = size_hw(size)
     _, h, w = frame.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = frame[:, top:top + side, left:left + side]
-    if side != size:
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if w * out_h >= h * out_w:  # wider than the target: keep the height
+        ch, cw = h, min(w, round(h * out_w / out_h))
+    else:
+        ch, cw = min(h, round(w * out_h / out_w)), w
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = frame[:, top:top + ch, left:left + cw]
+    if (ch, cw) != (out_h, out_w):
+        crop = F.interpolate(crop[None], size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)[0]
     return crop.clamp(0, 1)
 
 
@@ -86,9 +91,10 @@ def _quiet_loading() -> Iterator[None]:
 
 def generate(pipe: Any, images: torch.Tensor, cfg: SampleConfig, prompt: str | None = None,
              progress: bool = False) -> torch.Tensor:
-    """Images [B, 3, S, S] in [0, 1] -> videos [B, F, 3, S, S] in [0, 1] with `cfg`'s settings."""
+    """Images [B, 3, H, W] in [0, 1] -> videos [B, F, 3, H, W] in [0, 1] with `cfg`'s settings
+    (H x W: the model's frame size or another one it takes, see `TRIPPipeline.__call__`)."""
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
-    out = pipe(image=images, prompt=prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+    out = pipe(image=images, prompt=prompt, height=images.shape[2], width=images.shape[3], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                eta=cfg.eta, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
     return out.frames.cpu()
 
@@ -107,7 +113,8 @@ def cli(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "guidance_scale": args.guidance_scale,
                                    "seed": args.seed, "fps": args.fps}.items() if v is not None}
     sample_cfg = replace(sample_cfg, **overrides)
-    size = pipe.image_size
+    trained_h, trained_w = pipe.frame_size
+    size = (getattr(args, "height", None) or trained_h, getattr(args, "width", None) or trained_w)
     os.makedirs(args.out, exist_ok=True)
     for path in args.image:
         if not os.path.isfile(path):
@@ -117,7 +124,7 @@ def cli(args: argparse.Namespace) -> int:
         stem = os.path.splitext(os.path.basename(path))[0]
         written = [write_mp4(video, os.path.join(args.out, f"{stem}.mp4"), fps=sample_cfg.fps),
                    write_gif(video, os.path.join(args.out, f"{stem}.gif"), fps=sample_cfg.fps,
-                             scale=max(1, 128 // size))]
+                             scale=max(1, 128 // max(size_hw(size))))]
         if args.png:
             written.append(write_png_strip(video, os.path.join(args.out, f"{stem}.png")))
         print(f"{path} -> {', '.join(written)}")

@@ -80,6 +80,7 @@ def test_templates_reject_inconsistent_values_naming_the_keys(values: dict[str, 
     ({"runConfig": {"train": {"betas": [0.9]}}}, "at '/runConfig/train/betas': minItems: got 1, want 2"),
     ({"runConfig": {"train": {"precision": "fp16"}}}, "at '/runConfig/train/precision': value must be one of 'fp32', 'bf16'"),
     ({"runConfig": {"codec": {"kind": "taesd"}}}, "at '/runConfig/codec/kind': value must be one of 'lossless', 'vae'"),
+    ({"runConfig": {"model": {"latent_size": [32, 56, 4]}}}, "at '/runConfig/model/latent_size'"),
 ])
 def test_schema_rejects_a_misspelt_or_mistyped_run_config_key_naming_it(values: dict[str, Any], names: str) -> None:
     assert names in rejection(values)
@@ -89,6 +90,7 @@ def test_schema_rejects_a_misspelt_or_mistyped_run_config_key_naming_it(values: 
     {"runConfig": {"train": {"lr_unet": 1}}},  # an integer where a float is expected, as the loader allows
     {"runConfig": {"scaling": {"min_workers": None, "max_workers": None}}},  # Optional fields take null
     {"runConfig": {"sample": {"steps": 25}}},  # a partial section: helm merges it over the defaults
+    {"runConfig": {"model": {"latent_size": [32, 56]}, "preprocess": {"resolution": [256, 448]}}},  # [h, w]
 ])
 def test_schema_accepts_what_the_run_config_loader_accepts(values: dict[str, Any]) -> None:
     mc.chart().validate_schema(values)

@@ -95,3 +95,34 @@ def test_cli_takes_the_config_file_positionally_too(capsys, tmp_path):
     with pytest.raises(SystemExit):
         trip_main(["config", "validate", TINY, "-c", str(other)])
     assert "two run configs given" in capsys.readouterr().err
+
+
+def test_an_int_latent_size_and_resolution_keep_the_config_hash_of_before():
+    # hashes of main before non-square sizes existed: runs of these configs resume
+    assert load_config(None).hash() == "984da136f59ed54a"
+    assert load_config(TINY).hash() == "4a44985a788d2864"
+    assert load_config(CONFIGS / "base_256.yaml").hash() == "e6be22c3f853423d"
+    pair = load_config(TINY, ["model.latent_size=[4, 4]", "preprocess.resolution=[32, 32]"])
+    assert pair.model.latent_size == 4 and pair.preprocess.resolution == 32 and pair.hash() == "4a44985a788d2864"
+
+
+def test_latent_size_and_resolution_take_a_height_width_pair(tmp_path):
+    from trip.config import dump_config
+
+    cfg = load_config(TINY, ["model.latent_size=[4, 6]", "preprocess.resolution=[32, 48]"])
+    assert cfg.model.latent_size == (4, 6) and cfg.model.latent_hw == (4, 6) and cfg.preprocess.resolution == (32, 48)
+    assert cfg.hash() != load_config(TINY).hash()
+    again = load_config(_write(tmp_path, dump_config(cfg)))
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.latent_size=[4, 6]"], r"preprocess.resolution=32 must equal model.latent_size \* codec.downscale = \[32, 48\]"),
+    (["model.latent_size=[4, 6, 2]"], r"'model.latent_size' has the wrong type: \[4, 6, 2\]"),
+    (["model.latent_size=[4, 0]"], r"model.latent_size must be >= 1, got \(4, 0\)"),
+    (["model.latent_size=[4, 5]", "preprocess.resolution=[32, 40]"],
+     r"model.latent_size=\[4, 5\]: 5 is not divisible by 2\^\(number of UNet levels - 1\) = 2"),
+])
+def test_bad_sizes_name_the_key_and_the_problem(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, overrides)

@@ -300,3 +300,38 @@ def test_a_vae_run_exports_its_vae_and_samples_through_it(tmp_path):
     assert pipe.image_size == 8
     frames = pipe(image=_images(1, 8), num_inference_steps=2, output_type="pt").frames
     assert frames.shape == (1, 8, 3, 8, 8)
+
+
+def test_a_non_square_model_exports_and_reloads_in_both_formats(tmp_path):
+    from diffusers import UNet3DConditionModel
+
+    from trip.model import TRIPModel
+    from trip.pipeline import TRIPPipeline
+    from trip.train.export import export_checkpoint
+
+    cfg = load_config(TINY, ["model.latent_size=[4, 6]", "preprocess.resolution=[32, 48]"])
+    torch.manual_seed(0)
+    model = TRIPModel(cfg.model, cfg.diffusion)
+    with torch.no_grad():
+        model.fusion.proj_out.weight.normal_(std=0.05)
+    root = fake_checkpoint(tmp_path / "runs" / "r", step=2, cfg=cfg, state=model.state_dict())
+    export_checkpoint(str(root), str(tmp_path / "d"), use_ema=False)
+    export_checkpoint(str(root), str(tmp_path / "t"), use_ema=False, format="trip")
+    assert UNet3DConditionModel.load_config(str(tmp_path / "d"), subfolder="unet")["sample_size"] == [4, 6]
+    assert json.loads((tmp_path / "d" / "fusion" / "config.json").read_text())["latent_size"] == [4, 6]
+    assert "8 frames of 4x6 (h x w) latents" in (tmp_path / "d" / "README.md").read_text()
+    pipe = _quiet(TRIPPipeline.from_pretrained(str(tmp_path / "d")))
+    assert pipe.image_size == (32, 48) and pipe.trip_model().cfg.latent_size == (4, 6)
+    images = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(7))
+    frames = pipe(image=images, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+                  output_type="pt").frames
+    assert frames.shape == (1, 8, 3, 32, 48)
+    reloaded = TRIPModel.from_pretrained(str(tmp_path / "t"))
+    assert reloaded.cfg.latent_size == (4, 6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+    from trip.codec import LosslessCodec
+
+    again = TRIPPipeline.from_trip_model(reloaded, LosslessCodec(8))
+    assert torch.equal(frames, _quiet(again)(image=images, num_inference_steps=2, output_type="pt",
+                                             generator=torch.Generator().manual_seed(5)).frames)

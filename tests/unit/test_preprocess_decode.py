@@ -69,6 +69,41 @@ def test_short_side_resize_then_centre_crop(tmp_path) -> None:
     assert resized_size(64, 96, 32) == (32, 48)
 
 
+def _edges_video(path: str, height: int, width: int) -> str:
+    """Grey frames with a red band along the first and a blue band along the last 12 pixels of
+    the long side: both survive a decode only if nothing of the long side is cropped."""
+    video = np.full((8, height, width, 3), 128, np.uint8)
+    if width >= height:
+        video[:, :, :12], video[:, :, -12:] = (255, 0, 0), (0, 0, 255)
+    else:
+        video[:, :12], video[:, -12:] = (255, 0, 0), (0, 0, 255)
+    return write_video(video, path)
+
+
+@pytest.mark.parametrize("source, target", [((64, 96), (16, 24)), ((96, 64), (24, 16))],
+                         ids=["landscape", "portrait"])
+def test_a_height_width_resolution_keeps_the_aspect_and_crops_nothing_of_its_own_aspect(tmp_path, source, target):
+    path = _edges_video(str(tmp_path / "v.mp4"), *source)
+    clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=target))
+    assert clip.frames.shape == (2, *target, 3)
+    f = clip.frames[0].astype(int)
+    first, last = (f[:, 0], f[:, -1]) if target[1] > target[0] else (f[0], f[-1])
+    assert (first.argmax(axis=-1) == 0).all() and (last.argmax(axis=-1) == 2).all()  # both bands kept
+    square = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=16)).frames[0].astype(int)
+    assert abs(square[0, 0] - 128).max() < 30  # a square crop cuts the bands away
+
+
+def test_a_resolution_pair_covers_the_target_and_crops_only_the_excess_side(tmp_path) -> None:
+    assert resized_size(128, 64, (16, 24)) == (32, 16)  # 2:1 into 3:2: width has the excess
+    assert resized_size(64, 128, (24, 16)) == (16, 32)
+    assert resized_size(96, 64, (16, 24)) == (24, 16)  # same aspect: no crop at all
+    assert resized_size(96, 64, (32, 32)) == resized_size(96, 64, 32) == (48, 32)
+    path = _edges_video(str(tmp_path / "v.mp4"), 64, 96)
+    square = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=16)).frames
+    pair = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=(16, 16))).frames
+    np.testing.assert_array_equal(square, pair)
+
+
 def test_rotation_metadata_is_applied(tmp_path) -> None:
     path = str(tmp_path / "rot.mp4")
     with av.open(path, "w") as container:
@@ -87,6 +122,24 @@ def test_rotation_metadata_is_applied(tmp_path) -> None:
     # displayed upright (rotated 90 degrees counter-clockwise, as ffmpeg's autorotate does)
     # the top strip becomes the left edge of a 32 x 64 picture, centre-cropped to 32 x 32
     assert f[:, :3].mean() > 200 and f[:, -4:].mean() < 30 and f[:3, 8:].mean() < 30
+
+
+def test_rotation_is_applied_before_the_crop_to_a_height_width_pair(tmp_path) -> None:
+    path = str(tmp_path / "rot.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(8))
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(4):
+            image = np.zeros((32, 64, 3), np.uint8)
+            image[:8] = 255  # white strip along the top of the stored picture
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    # displayed upright it is a 32 wide x 64 tall portrait: a [32, 16] target keeps all of it
+    clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=(32, 16)))
+    f = clip.frames[0].mean(axis=2)
+    assert clip.frames.shape == (2, 32, 16, 3)
+    assert f[:, :2].mean() > 200 and f[:, -4:].mean() < 30
 
 
 def test_to_tensor_layout() -> None:

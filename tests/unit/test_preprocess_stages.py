@@ -47,7 +47,8 @@ def test_encoder_encodes_a_batch_of_clips() -> None:
     assert lat.shape == (3, 2, 12, 8, 8) and lat.dtype == np.float16 and text is None and seconds >= 0
 
 
-def _job(tmp_path, videos: list[str | None], resolution: int = 16) -> tuple[ShardJob, object]:
+def _job(tmp_path, videos: list[str | None], resolution: int | tuple[int, int] = 16,
+         latent_shape: tuple[int, ...] = (2, 12, 8, 8)) -> tuple[ShardJob, object]:
     rows = [{"videoid": str(i), "contentUrl": v or str(tmp_path / f"missing{i}.mp4"), "duration": "PT1S",
              "page_dir": "d", "name": f"clip {i}"} for i, v in enumerate(videos)]
     csv = write_csv(str(tmp_path / "r.csv"), rows, columns=["videoid", "contentUrl", "duration", "page_dir", "name"])
@@ -55,7 +56,7 @@ def _job(tmp_path, videos: list[str | None], resolution: int = 16) -> tuple[Shar
                            encode_batch_size=2)  # one clip a batch: several batches in flight
     plan = scan_csv(csv)
     job = ShardJob(pre=pre, codec=CodecConfig(kind="lossless", downscale=2), columns=plan.columns,
-                   identity={"fingerprint": "f", "plan": "p"}, latent_shape=[2, 12, 8, 8], text_shape=None)
+                   identity={"fingerprint": "f", "plan": "p"}, latent_shape=list(latent_shape), text_shape=None)
     return job, plan
 
 
@@ -81,3 +82,16 @@ def test_an_encode_failure_is_its_videos_error_not_the_shards(tmp_path) -> None:
     assert out["stats"]["counts"] == {"ok": 0, "skipped": 0, "error": 2}
     assert {e["stage"] for e in out["record"]["errors"]} == {"encode"}
     assert "divisible" in out["record"]["errors"][0]["reason"] and out["record"]["info"] is None
+
+
+def test_a_shard_task_writes_non_square_latents_of_a_height_width_resolution(tmp_path) -> None:
+    from data_tools.encode import latent_shape
+
+    shape = latent_shape(CodecConfig(kind="lossless", downscale=2), 2, (16, 24))
+    assert shape == [2, 12, 8, 12]
+    video = write_video(np.full((4, 32, 64, 3), 128, np.uint8), str(tmp_path / "wide.mp4"))
+    job, plan = _job(tmp_path, [video, video], resolution=(16, 24), latent_shape=tuple(shape))
+    out = write_shard(job, plan.shard(0, 2))
+    assert out["stats"]["counts"] == {"ok": 2, "skipped": 0, "error": 0}
+    contents = read_shard(os.path.join(job.pre.output, "shard-000000.tar"), latent_shape=shape)
+    assert len(contents.keys) == 2 and not contents.bad and contents.samples[0].latents.shape == (2, 12, 8, 12)

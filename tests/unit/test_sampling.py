@@ -1,6 +1,7 @@
 """Sampling through the pipeline: shapes, range, determinism, and files that decode back."""
 
 import av
+import pytest
 import torch
 
 from trip.codec import LosslessCodec
@@ -79,6 +80,9 @@ def test_trip_sample_cli_writes_an_mp4_and_a_gif_per_image(tmp_path, tiny_model_
                       "--out", str(tmp_path / "out"), "--seed", "1"]) == 0
     assert read_frames(str(tmp_path / "out" / "first.mp4")).shape == (4, 3, 16, 16)
     assert read_frames(str(tmp_path / "out" / "first.gif")).shape[0] == 4
+    assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "first.png"),
+                      "--out", str(tmp_path / "wide"), "--height", "16", "--width", "24"]) == 0
+    assert read_frames(str(tmp_path / "wide" / "first.mp4")).shape == (4, 3, 16, 24)
 
 
 def test_trip_sample_cli_names_a_missing_image(tmp_path, tiny_model_config, capsys):
@@ -89,3 +93,38 @@ def test_trip_sample_cli_names_a_missing_image(tmp_path, tiny_model_config, caps
     assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "missing.png"),
                       "--steps", "2"]) == 2
     assert "image not found:" in capsys.readouterr().err
+
+
+def test_prepare_image_to_a_height_width_pair_keeps_the_largest_centred_crop_of_that_aspect():
+    img = torch.zeros(3, 20, 60)
+    img[:, :, 15:45] = 1.0  # the centre 20 x 30 (2:3) is white
+    out = prepare_image(img, (8, 12))
+    assert out.shape == (3, 8, 12) and out.min() > 0.99
+    tall = torch.rand(3, 30, 10)
+    assert prepare_image(tall, (12, 4)).shape == (3, 12, 4)
+    assert torch.equal(prepare_image(tall, 8), prepare_image(tall, (8, 8)))
+
+
+def test_a_non_square_model_samples_frames_of_its_height_and_width(tiny_model_config):
+    torch.manual_seed(0)
+    model = TRIPModel(tiny_model_config(latent_channels=12, latent_size=(8, 12)))
+    pipe = TRIPPipeline.from_trip_model(model, LosslessCodec(2))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.frame_size == (16, 24) and pipe.image_size == (16, 24)
+    videos = generate(pipe, torch.rand(2, 3, 16, 24), SampleConfig(steps=2, seed=1))
+    assert videos.shape == (2, 4, 3, 16, 24) and 0.0 <= videos.min() and videos.max() <= 1.0
+    from PIL import Image
+
+    frames = pipe(image=Image.new("RGB", (90, 40)), num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (1, 4, 16, 24, 3)
+    other = pipe(image=torch.rand(1, 3, 24, 16), height=24, width=16, num_inference_steps=2, output_type="pt")
+    assert other.frames.shape == (1, 4, 3, 24, 16)  # the same model, another aspect
+
+
+def test_a_square_model_samples_a_non_square_size_when_asked(tiny_model_config):
+    pipe = _pipe(tiny_model_config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(image=torch.rand(1, 3, 16, 24), height=16, width=24, num_inference_steps=2, output_type="pt")
+    assert out.frames.shape == (1, 4, 3, 16, 24)
+    with pytest.raises(ValueError, match=r"height x width = 16 x 18 \(latents 8 x 9\): 9 is not divisible"):
+        pipe(image=torch.rand(1, 3, 16, 18), height=16, width=18, num_inference_steps=2)

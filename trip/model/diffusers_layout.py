@@ -13,7 +13,8 @@ An exported model directory (`trip export --format diffusers`) is a diffusers pi
 
 A TRIPModel's state dict splits on its first key component: `unet.<k>` is `<k>` in
 `unet/`, `fusion.<k>` is `<k>` in `fusion/`. The model's shape is read back from the two
-configs: the UNet's (diffusers' own keys, `sample_size` = latent size, `in_channels` twice
+configs: the UNet's (diffusers' own keys, `sample_size` = latent size: an int, or [h, w] for
+non-square latents, which diffusers' UNet3DConditionModel accepts too; `in_channels` twice
 `out_channels` for channel conditioning) and the fusion's (`latent_channels`, `num_frames`,
 `latent_size` and its own fields). This module reads and names; `trip.train.export` writes
 and `trip.pipeline` loads through diffusers.
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from trip.config import DiffusionConfig, ModelConfig
+from trip.config import DiffusionConfig, ModelConfig, normalise_size, show_size
 
 MODEL_INDEX = "model_index.json"
 RUN_RECORD = "trip.json"
@@ -56,7 +57,8 @@ def unet_config(cfg: ModelConfig) -> dict[str, Any]:
     from trip.model.unet import diffusers_unet_kwargs
 
     in_ch = cfg.latent_channels * (2 if cfg.image_conditioning == "channel" else 1)
-    return {**diffusers_unet_kwargs(cfg.unet, in_ch, cfg.latent_channels), "sample_size": cfg.latent_size}
+    size = list(cfg.latent_size) if isinstance(cfg.latent_size, tuple) else cfg.latent_size  # [h, w] as JSON has it
+    return {**diffusers_unet_kwargs(cfg.unet, in_ch, cfg.latent_channels), "sample_size": size}
 
 
 def model_config(unet: dict[str, Any], fusion: dict[str, Any], source: str) -> ModelConfig:
@@ -69,8 +71,9 @@ def model_config(unet: dict[str, Any], fusion: dict[str, Any], source: str) -> M
     if channels != out_ch or in_ch not in (out_ch, 2 * out_ch):
         raise ValueError(f"{source}: the UNet maps {in_ch} -> {out_ch} channels, the fusion was built for "
                          f"{channels}: not one TRIP model")
-    if unet.get("sample_size") not in (None, size):
-        raise ValueError(f"{source}: unet sample_size {unet['sample_size']} != fusion latent_size {size}")
+    sample = unet.get("sample_size")
+    if sample is not None and normalise_size(sample, f"{source}: unet sample_size") != size:
+        raise ValueError(f"{source}: unet sample_size {sample} != fusion latent_size {show_size(size)}")
     return ModelConfig(num_frames=frames, latent_channels=channels, latent_size=size,
                        image_conditioning="channel" if in_ch == 2 * out_ch else "temporal",
                        unet=unet_cfg, fusion=fusion_cfg)

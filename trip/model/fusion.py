@@ -11,6 +11,15 @@ Our choices, each a `FusionConfig` field:
   linear ablation hard-codes exactly that), so the block must know the frame index, and
   comparing a frame with its neighbours is cheap (F*(h/p)*(w/p) tokens: 1,024 at paper
   scale with p=2).
+- Non-square and other sizes: the spatial embedding is one table for the configured token
+  grid (h/p) x (w/p) (`latent_size`: an int, or [h, w]), row-major, the same parameter
+  name and shape as before for an int; a model fed latents of another size resamples that
+  table to the new grid (bicubic, antialiased when shrinking, as ViT/DiT position
+  embeddings are resized), so one model serves several sizes and aspect ratios and an
+  existing checkpoint loads and samples exactly as before at its own size. We chose this
+  over factorised row + column embeddings because those would rename or reshape the
+  parameters of every existing checkpoint. Frames: up to `num_frames`, the first rows of
+  the frame table.
 - Key/value are the reference tokens and the residual tokens side by side on the sequence
   axis, each with a learned type embedding and LayerNorm'd: the reference noise is
   unbounded for small t (it divides by sqrt(1 - abar_t)), so it must be normalised before
@@ -52,7 +61,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from trip.config import FusionConfig
+from trip.config import FusionConfig, Size, normalise_size, size_hw
 from trip.model.config_only import ConfigOnlyModel
 
 
@@ -115,26 +124,27 @@ class TemporalNoiseFusion(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int, patch_size: int = 2,
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int | list[int], patch_size: int = 2,
                  dim: int = 64, depth: int = 1, heads: int = 4, timestep_dim: int = 64,
                  linear_start: float = 1.0, linear_end: float = 0.0) -> None:
         super().__init__()
         cfg = FusionConfig(mode="tnf", patch_size=patch_size, dim=dim, depth=depth, heads=heads,
                            timestep_dim=timestep_dim, linear_start=linear_start, linear_end=linear_end)
         p = cfg.patch_size
-        if latent_size % p:
+        h, w = size_hw(latent_size)
+        if h % p or w % p:
             raise ValueError(f"latent_size {latent_size} must be divisible by fusion.patch_size {p}")
         self.cfg = cfg
         self.channels = latent_channels
         self.num_frames = num_frames
-        self.grid = latent_size // p
+        self.grid = (h // p, w // p)  # the token grid the spatial embedding is stored for
         patch_dim = latent_channels * p * p
         self.embed_residual = nn.Linear(patch_dim, cfg.dim)
         self.embed_kv = nn.Linear(patch_dim, cfg.dim)
         self.kv_norm = nn.LayerNorm(cfg.dim)
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # 0: reference, 1: residual
         self.frame_embed = nn.Parameter(torch.zeros(num_frames, cfg.dim))
-        self.space_embed = nn.Parameter(torch.zeros(self.grid * self.grid, cfg.dim))
+        self.space_embed = nn.Parameter(torch.zeros(self.grid[0] * self.grid[1], cfg.dim))  # row-major grid
         for p_ in (self.type_embed, self.frame_embed, self.space_embed):
             nn.init.normal_(p_, std=0.02)
         self.time_mlp = nn.Sequential(
@@ -154,28 +164,47 @@ class TemporalNoiseFusion(ModelMixin, ConfigMixin):
             self.gate_time.bias.copy_(torch.log(lam / (1 - lam)))
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, F, H, W] -> [B, F*g*g, C*p*p]."""
+        """[B, C, F, H, W] -> [B, F*gh*gw, C*p*p]."""
         b, c, f, h, w = x.shape
         p = self.cfg.patch_size
         x = x.reshape(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
         return x.reshape(b, f * (h // p) * (w // p), c * p * p)
 
-    def _unpatchify(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _unpatchify(self, x: torch.Tensor, f: int, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, F*gh*gw, C*p*p] -> [B, C, F, gh*p, gw*p]."""
         b = x.shape[0]
-        p, g, c = self.cfg.patch_size, self.grid, self.channels
-        x = x.reshape(b, f, g, g, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
-        return x.reshape(b, c, f, g * p, g * p)
+        (gh, gw), p, c = grid, self.cfg.patch_size, self.channels
+        x = x.reshape(b, f, gh, gw, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        return x.reshape(b, c, f, gh * p, gw * p)
 
-    def _positions(self, f: int) -> torch.Tensor:
-        return (self.frame_embed[:f, None] + self.space_embed[None]).reshape(1, -1, self.cfg.dim)
+    def space_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Spatial position embedding of a gh x gw token grid: [gh*gw, dim].
+
+        The stored grid's own embedding as it is; any other grid gets it resampled (bicubic,
+        antialiased when shrinking, as ViT/DiT position embeddings are resized), so one model
+        serves every latent size the UNet and the patch size allow."""
+        if tuple(grid) == self.grid:
+            return self.space_embed
+        table = self.space_embed.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)  # [1, dim, gh, gw]
+        table = F.interpolate(table.float(), size=tuple(grid), mode="bicubic", align_corners=False,
+                              antialias=grid[0] < self.grid[0] or grid[1] < self.grid[1])
+        return table[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1).to(self.space_embed.dtype)
+
+    def _positions(self, f: int, grid: tuple[int, int]) -> torch.Tensor:
+        return (self.frame_embed[:f, None] + self.space_embedding(grid)[None]).reshape(1, -1, self.cfg.dim)
 
     def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Fused noise [B, C, F, H, W] from residual and reference noise of the same shape."""
-        f = residual.shape[2]
+        """Fused noise [B, C, F, H, W] from residual and reference noise of the same shape; F up
+        to `num_frames`, H and W any multiples of the patch size."""
+        f, h, w = residual.shape[2:]
+        p = self.cfg.patch_size
         if f > self.num_frames:
             raise ValueError(f"TNF was built for at most {self.num_frames} frames, got {f}")
+        if h % p or w % p:
+            raise ValueError(f"TNF: latents of {h}x{w} are not divisible by its patch size {p}")
+        grid = (h // p, w // p)
         dtype = self.embed_residual.weight.dtype
-        pos = self._positions(f)
+        pos = self._positions(f, grid)
         res_tok = self._patchify(residual.to(dtype))
         ref_tok = self._patchify(reference.to(dtype))
         x = self.embed_residual(res_tok) + pos
@@ -189,8 +218,8 @@ class TemporalNoiseFusion(ModelMixin, ConfigMixin):
             x = block(x, kv, cond)
         gate_tok, corr_tok = self.proj_out(self.norm_out(x)).chunk(2, dim=-1)
         base = self.gate_time(cond)[:, None, :f, None, None]  # [B, 1, F, 1, 1]
-        lam = torch.sigmoid(base + self._unpatchify(gate_tok, f)).float()
-        corr = self._unpatchify(corr_tok, f).float()
+        lam = torch.sigmoid(base + self._unpatchify(gate_tok, f, grid)).float()
+        corr = self._unpatchify(corr_tok, f, grid).float()
         fused = lam * reference.float() + (1 - lam) * residual.float() + corr
         return fused.to(residual.dtype)
 
@@ -199,7 +228,7 @@ class LinearFusion(ConfigOnlyModel):
     """TRIP^W: eps_hat^i = lambda^i eps_ref^i + (1 - lambda^i) delta^i, lambda linear in i."""
 
     @register_to_config
-    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int,
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int | list[int],
                  linear_start: float = 1.0, linear_end: float = 0.0) -> None:
         super().__init__()
         self.start, self.end = linear_start, linear_end
@@ -215,7 +244,7 @@ class NoFusion(ConfigOnlyModel):
     """TRIP^-: no shortcut path, the UNet output is the noise prediction."""
 
     @register_to_config
-    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int) -> None:
+    def __init__(self, *, latent_channels: int, num_frames: int, latent_size: int | list[int]) -> None:
         super().__init__()
 
     def forward(self, residual: torch.Tensor, reference: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -225,8 +254,10 @@ class NoFusion(ConfigOnlyModel):
 FUSION_CLASSES: dict[str, type[nn.Module]] = {"tnf": TemporalNoiseFusion, "linear": LinearFusion, "none": NoFusion}
 
 
-def fusion_kwargs(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> dict:
-    """FusionConfig + clip shape -> the constructor arguments (= the saved config) of its class."""
+def fusion_kwargs(cfg: FusionConfig, channels: int, num_frames: int, latent_size: Size) -> dict:
+    """FusionConfig + clip shape -> the constructor arguments (= the saved config) of its class.
+    `latent_size` is saved as it is configured: an int (square, as before) or [h, w]."""
+    latent_size = list(latent_size) if isinstance(latent_size, tuple) else latent_size
     shape = {"latent_channels": channels, "num_frames": num_frames, "latent_size": latent_size}
     if cfg.mode == "tnf":
         return {**shape, "patch_size": cfg.patch_size, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads,
@@ -236,11 +267,11 @@ def fusion_kwargs(cfg: FusionConfig, channels: int, num_frames: int, latent_size
     return shape
 
 
-def build_fusion(cfg: FusionConfig, channels: int, num_frames: int, latent_size: int) -> nn.Module:
+def build_fusion(cfg: FusionConfig, channels: int, num_frames: int, latent_size: Size) -> nn.Module:
     return FUSION_CLASSES[cfg.mode](**fusion_kwargs(cfg, channels, num_frames, latent_size))
 
 
-def fusion_config_from_saved(config: dict, source: str) -> tuple[FusionConfig, int, int, int]:
+def fusion_config_from_saved(config: dict, source: str) -> tuple[FusionConfig, int, int, Size]:
     """A saved fusion config.json -> (FusionConfig, latent_channels, num_frames, latent_size)."""
     modes = {cls.__name__: mode for mode, cls in FUSION_CLASSES.items()}
     mode = modes.get(config.get("_class_name", ""))
@@ -248,7 +279,8 @@ def fusion_config_from_saved(config: dict, source: str) -> tuple[FusionConfig, i
         raise ValueError(f"{source}: _class_name {config.get('_class_name')!r} is not a TRIP fusion "
                          f"(one of {sorted(modes)})")
     try:
-        shape = int(config["latent_channels"]), int(config["num_frames"]), int(config["latent_size"])
+        shape = (int(config["latent_channels"]), int(config["num_frames"]),
+                 normalise_size(config["latent_size"], f"{source}: latent_size"))
     except KeyError as e:
         raise ValueError(f"{source}: missing key {e.args[0]!r}") from e
     fields = {k: config[k] for k in ("patch_size", "dim", "depth", "heads", "timestep_dim", "linear_start",

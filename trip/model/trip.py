@@ -21,7 +21,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from trip.config import ConfigError, DiffusionConfig, ModelConfig, config_from_dict, to_dict
+from trip.config import (
+    ConfigError,
+    DiffusionConfig,
+    ModelConfig,
+    config_from_dict,
+    latent_size_problem,
+    to_dict,
+)
 from trip.model.fusion import build_fusion
 from trip.model.noise_prior import image_noise_prior
 from trip.model.unet import ResidualUNet3D, read_diffusers_unet, unet_config_from_diffusers
@@ -108,12 +115,17 @@ class TRIPModel(nn.Module):
 
     def _check_inputs(self, noisy: torch.Tensor, image: torch.Tensor, t: torch.Tensor,
                       text: torch.Tensor | None) -> None:
-        c, s = self.cfg.latent_channels, self.cfg.latent_size
-        if noisy.ndim != 5 or noisy.shape[1] != c or tuple(noisy.shape[3:]) != (s, s):
-            raise ValueError(f"noisy_latents: expected [B, {c}, F, {s}, {s}], got {tuple(noisy.shape)}")
-        b = noisy.shape[0]
-        if tuple(image.shape) != (b, c, s, s):
-            raise ValueError(f"image_latents: expected [{b}, {c}, {s}, {s}], got {tuple(image.shape)}")
+        """Latents of the configured (h, w) or of any other size the model takes (both sides
+        multiples of the UNet's downsampling and of the TNF patch: see `latent_size_problem`)."""
+        c, (h, w) = self.cfg.latent_channels, self.cfg.latent_hw
+        ok = noisy.ndim == 5 and noisy.shape[1] == c
+        problem = latent_size_problem(self.cfg, tuple(noisy.shape[3:])) if ok else None
+        if not ok or problem:
+            raise ValueError(f"noisy_latents: expected [B, {c}, F, {h}, {w}], got {tuple(noisy.shape)}"
+                             + (f" ({problem})" if problem else ""))
+        b, (h, w) = noisy.shape[0], noisy.shape[3:]
+        if tuple(image.shape) != (b, c, h, w):
+            raise ValueError(f"image_latents: expected [{b}, {c}, {h}, {w}], got {tuple(image.shape)}")
         if t.ndim != 1 or t.shape[0] != b:
             raise ValueError(f"timesteps: expected [{b}], got {tuple(t.shape)}")
         if text is not None and (text.ndim != 3 or text.shape[0] != b
@@ -131,7 +143,8 @@ class TRIPModel(nn.Module):
         """Predict the noise of every frame.
 
         Args:
-            noisy_latents: z_t, [B, C, F, H, W].
+            noisy_latents: z_t, [B, C, F, H, W]; (H, W) is model.latent_size or any other size
+                whose sides divide by the UNet's downsampling and the TNF patch size.
             image_latents: z_0^1, clean latent of the given image, [B, C, H, W].
             timesteps: [B] integer diffusion steps.
             text_states: [B, L, D] text hidden states, or None for no caption.

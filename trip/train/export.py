@@ -294,7 +294,7 @@ or `trip sample --model path/to/this/directory --image first_frame.png`.
 
 ## Model
 
-- {m.num_frames} frames of {m.latent_size}x{m.latent_size} latents ({m.latent_channels} channels), codec
+- {m.num_frames} frames of {m.latent_hw[0]}x{m.latent_hw[1]} (h x w) latents ({m.latent_channels} channels), codec
   `{cfg.codec.kind}`; image conditioning `{m.image_conditioning}`; fusion `{m.fusion.mode}`
 - 3D-UNet (diffusers `UNet3DConditionModel`): block widths {list(m.unet.block_out_channels)},
   {m.unet.layers_per_block} layer(s) per block, cross-attention width {m.unet.cross_attention_dim}
