@@ -25,19 +25,25 @@ TINY = ROOT / "pipelines" / "configs" / "tiny_cpu.yaml"
 def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(checkpoint dir, diffusers export, trip-format export) of the same weights: a fresh tiny
     model whose TNF output projection is not zero (so the fusion does more than TRIP^W's mix)."""
+    tmp = tmp_path_factory.mktemp("export")
+    _, root, diffusers_dir, trip_dir = _export_both(tmp, load_config(TINY), step=3)
+    return root, diffusers_dir, trip_dir
+
+
+def _export_both(tmp: Path, cfg, step: int):
+    """A checkpoint of a fresh model of `cfg` (seed 0, TNF output projection not zero) under
+    tmp/runs/r, exported to tmp/diffusers and tmp/trip: (model, checkpoint dir, diffusers, trip)."""
     from trip.model import TRIPModel
     from trip.train.export import export_checkpoint
 
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = load_config(TINY)
     torch.manual_seed(0)
     model = TRIPModel(cfg.model, cfg.diffusion)
     with torch.no_grad():
         model.fusion.proj_out.weight.normal_(std=0.05)
-    root = fake_checkpoint(tmp / "runs" / "r", step=3, cfg=cfg, state=model.state_dict())
+    root = fake_checkpoint(tmp / "runs" / "r", step=step, cfg=cfg, state=model.state_dict())
     export_checkpoint(str(root), str(tmp / "diffusers"), use_ema=False)
     export_checkpoint(str(root), str(tmp / "trip"), use_ema=False, format="trip")
-    return root, tmp / "diffusers", tmp / "trip"
+    return model, root, tmp / "diffusers", tmp / "trip"
 
 
 def _quiet(pipe):
@@ -307,26 +313,19 @@ def test_a_non_square_model_exports_and_reloads_in_both_formats(tmp_path):
 
     from trip.model import TRIPModel
     from trip.pipeline import TRIPPipeline
-    from trip.train.export import export_checkpoint
 
     cfg = load_config(TINY, ["model.latent_size=[4, 6]", "preprocess.resolution=[32, 48]"])
-    torch.manual_seed(0)
-    model = TRIPModel(cfg.model, cfg.diffusion)
-    with torch.no_grad():
-        model.fusion.proj_out.weight.normal_(std=0.05)
-    root = fake_checkpoint(tmp_path / "runs" / "r", step=2, cfg=cfg, state=model.state_dict())
-    export_checkpoint(str(root), str(tmp_path / "d"), use_ema=False)
-    export_checkpoint(str(root), str(tmp_path / "t"), use_ema=False, format="trip")
-    assert UNet3DConditionModel.load_config(str(tmp_path / "d"), subfolder="unet")["sample_size"] == [4, 6]
-    assert json.loads((tmp_path / "d" / "fusion" / "config.json").read_text())["latent_size"] == [4, 6]
-    assert "8 frames of 4x6 (h x w) latents" in (tmp_path / "d" / "README.md").read_text()
-    pipe = _quiet(TRIPPipeline.from_pretrained(str(tmp_path / "d")))
+    model, _, d, t = _export_both(tmp_path, cfg, step=2)
+    assert UNet3DConditionModel.load_config(str(d), subfolder="unet")["sample_size"] == [4, 6]
+    assert json.loads((d / "fusion" / "config.json").read_text())["latent_size"] == [4, 6]
+    assert "8 frames of 4x6 (h x w) latents" in (d / "README.md").read_text()
+    pipe = _quiet(TRIPPipeline.from_pretrained(str(d)))
     assert pipe.image_size == (32, 48) and pipe.trip_model().cfg.latent_size == (4, 6)
     images = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(7))
     frames = pipe(image=images, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
                   output_type="pt").frames
     assert frames.shape == (1, 8, 3, 32, 48)
-    reloaded = TRIPModel.from_pretrained(str(tmp_path / "t"))
+    reloaded = TRIPModel.from_pretrained(str(t))
     assert reloaded.cfg.latent_size == (4, 6)
     for k, v in model.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k

@@ -104,11 +104,11 @@ def test_a_resolution_pair_covers_the_target_and_crops_only_the_excess_side(tmp_
     np.testing.assert_array_equal(square, pair)
 
 
-def test_rotation_metadata_is_applied(tmp_path) -> None:
-    path = str(tmp_path / "rot.mp4")
+def _rotated_video(path: str, codec: str) -> str:
+    """A stored 64 x 32 landscape video with a white strip along its top and a display
+    rotation of 90 degrees (a phone held upright)."""
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
-                                      rate=Fraction(8))
+        stream = container.add_stream(codec, rate=Fraction(8))
         stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
         stream.set_display_rotation(90)
         for _ in range(4):
@@ -116,6 +116,11 @@ def test_rotation_metadata_is_applied(tmp_path) -> None:
             image[:8] = 255  # white strip along the top of the stored picture
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
+    return path
+
+
+def test_rotation_metadata_is_applied(tmp_path) -> None:
+    path = _rotated_video(str(tmp_path / "rot.mp4"), "libx264" if "libx264" in av.codecs_available else "mpeg4")
     clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=32))
     assert clip.meta["rotation"] == 90
     f = clip.frames[0].mean(axis=2)
@@ -125,16 +130,7 @@ def test_rotation_metadata_is_applied(tmp_path) -> None:
 
 
 def test_rotation_is_applied_before_the_crop_to_a_height_width_pair(tmp_path) -> None:
-    path = str(tmp_path / "rot.mp4")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(8))
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.set_display_rotation(90)
-        for _ in range(4):
-            image = np.zeros((32, 64, 3), np.uint8)
-            image[:8] = 255  # white strip along the top of the stored picture
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
+    path = _rotated_video(str(tmp_path / "rot.mp4"), "mpeg4")
     # displayed upright it is a 32 wide x 64 tall portrait: a [32, 16] target keeps all of it
     clip = decode_clip(path, SamplingSpec(num_frames=2, fps=8.0, resolution=(32, 16)))
     f = clip.frames[0].mean(axis=2)
