@@ -155,13 +155,8 @@ class RunDir:
         `at_most`): its `result.json`, written last. None when the run recorded none."""
         from trip.train.validation import RESULT
 
-        self.fs.invalidate_cache()
-        try:
-            entries = self.fs.ls(self._p("validation"), detail=False)
-        except FileNotFoundError:
-            return None
-        steps = [int(m.group(1)) for e in entries if (m := _STEP_DIR.match(e.rstrip("/").rsplit("/", 1)[-1]))]
-        for step in sorted((s for s in steps if at_most is None or s <= at_most), reverse=True):
+        steps = self._step_dirs("validation")
+        for step in reversed([s for s in steps if at_most is None or s <= at_most]):
             try:
                 return step, json.loads(storage.read_bytes(storage.join(self.validation_url(step), RESULT)))
             except FileNotFoundError:
@@ -188,9 +183,13 @@ class RunDir:
 
     def steps(self) -> list[int]:
         """Steps of every checkpoint directory (complete or not), oldest first."""
+        return self._step_dirs("checkpoints")
+
+    def _step_dirs(self, folder: str) -> list[int]:
+        """Steps of the `step-N` directories under `folder` of the run, oldest first (fresh listing)."""
         self.fs.invalidate_cache()
         try:
-            entries = self.fs.ls(self._p("checkpoints"), detail=False)
+            entries = self.fs.ls(self._p(folder), detail=False)
         except FileNotFoundError:
             return []
         out = []
