@@ -217,3 +217,32 @@ def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
                         codec={"kind": "synthetic", "scaling_factor": 1.0}, text_encoder=None)
     write_index(prefix, index)
     return index
+
+
+def write_synthetic_buckets(prefix: str, buckets: dict[str, tuple[Sequence[int], Sequence[int]]], *,
+                            text_shape: Sequence[int] | None = (5, 8), seed: int = 0) -> dict[str, Any]:
+    """A bucketed shard set: `buckets` maps a bucket name to (latent_shape, shard sizes).
+
+    Shards are numbered across buckets in the order given (`<bucket>/shard-NNNNNN.tar`), and
+    samples carry their identity as in `write_synthetic_dataset` (shard number, ordinal).
+    Returns the index dict."""
+    rng = np.random.default_rng(seed)
+    infos, specs, s = [], [], 0
+    for name, (latent_shape, sizes) in buckets.items():
+        specs.append({"name": name, "height": None, "width": None, "frames": int(latent_shape[0]),
+                      "latent_shape": list(latent_shape)})
+        for n in sizes:
+            writer = ShardWriter(prefix, s, bucket=name)
+            for i in range(n):
+                lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
+                lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
+                text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
+                key = sample_key(s, i)
+                writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
+            infos.append(writer.commit())
+            s += 1
+    index = build_index(infos, latent_shape=specs[0]["latent_shape"],
+                        text_shape=list(text_shape) if text_shape else None,
+                        codec={"kind": "synthetic", "scaling_factor": 1.0}, text_encoder=None, buckets=specs)
+    write_index(prefix, index)
+    return index

@@ -8,6 +8,13 @@ One sample per clip, keys inside a WebDataset tar:
 and per dataset prefix an `index.json` (schema version, shards with sample counts and
 byte sizes, latent shape, codec identity, per-channel mean/std).
 
+Buckets (optional): a dataset preprocessed into several shapes (`preprocess.buckets`)
+lists them in `index["buckets"]`, each {name, height, width, frames, latent_shape,
+samples}; every entry of `index["shards"]` then carries its "bucket" name, a shard holds
+one bucket's samples only, and its name is `<bucket>/shard-NNNNNN.tar`. The top-level
+`latent_shape` is the first bucket's. `dataset_buckets(index)` reads either form: a
+dataset without buckets is one bucket named "all" holding every shard.
+
 Writing: a shard is built in a local temporary file and only then committed to its final
 name (rename on local disk; a single PUT on object storage, where an object appears whole
 or not at all), so a reader never sees a partial shard. `index.json` is written last, the
@@ -56,8 +63,14 @@ INDEX_NAME = "index.json"
 SAMPLE_DTYPE = np.dtype("float16")  # latents and text states, as written and as read
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, bucket: str | None = None) -> str:
+    """The shard's name under the dataset prefix: `shard-NNNNNN.tar`, inside its bucket's folder."""
+    return f"{bucket}/shard-{index:06d}.tar" if bucket else f"shard-{index:06d}.tar"
+
+
+def bucket_name(height: int, width: int, frames: int) -> str:
+    """A bucket's name from its pixel size and frame count, e.g. `64x112x8`."""
+    return f"{height}x{width}x{frames}"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -80,12 +93,17 @@ class ShardInfo:
     channel_sum: list[float] = field(default_factory=list)
     channel_sumsq: list[float] = field(default_factory=list)
     channel_count: int = 0
+    bucket: str | None = None  # the bucket whose samples it holds (bucketed datasets only)
 
 
 def build_index(shards: list[ShardInfo], *, latent_shape: list[int], text_shape: list[int] | None,
                 codec: dict[str, Any], text_encoder: dict[str, Any] | None,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dataset's index.json content; mean/std are per latent channel over all samples."""
+                extra: dict[str, Any] | None = None,
+                buckets: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The dataset's index.json content; mean/std are per latent channel over all samples.
+
+    `buckets`: [{name, height, width, frames, latent_shape}] of a bucketed dataset (every
+    shard's `bucket` names one); `latent_shape` is then the first bucket's."""
     shards = sorted(shards, key=lambda s: s.name)
     total = sum(s.samples for s in shards)
     count = sum(s.channel_count for s in shards)
@@ -99,8 +117,9 @@ def build_index(shards: list[ShardInfo], *, latent_shape: list[int], text_shape:
     index = {
         "schema_version": SCHEMA_VERSION,
         "num_samples": total,
-        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in shards],
-        "latent_shape": list(latent_shape),
+        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes,
+                    **({"bucket": s.bucket} if buckets else {})} for s in shards],
+        "latent_shape": list(buckets[0]["latent_shape"]) if buckets else list(latent_shape),
         "latent_dtype": SAMPLE_DTYPE.name,
         "text_shape": list(text_shape) if text_shape else None,
         "text_dtype": SAMPLE_DTYPE.name if text_shape else None,
@@ -111,9 +130,65 @@ def build_index(shards: list[ShardInfo], *, latent_shape: list[int], text_shape:
         "latent_std": std,
         "shard_stats": [asdict(s) for s in shards],
     }
+    if buckets:
+        names = [b["name"] for b in buckets]
+        stray = sorted({s.name for s in shards if s.bucket not in names})
+        if stray:
+            raise ValueError(f"shards {stray[:5]} name no bucket of {names}")
+        index["buckets"] = [{**{k: b[k] for k in ("name", "height", "width", "frames")},
+                             "latent_shape": list(b["latent_shape"]),
+                             "samples": sum(s.samples for s in shards if s.bucket == b["name"]),
+                             "shards": sum(1 for s in shards if s.bucket == b["name"])} for b in buckets]
     if extra:
         index.update(extra)
     return index
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One shape of a dataset: its samples all have `latent_shape` [F, C, h, w]."""
+
+    name: str
+    latent_shape: tuple[int, ...]
+    shards: tuple[int, ...]  # indices into index["shards"], in index order
+    samples: int
+    height: int | None = None  # pixels (None when the index does not say)
+    width: int | None = None
+    frames: int | None = None
+
+
+def dataset_buckets(index: dict[str, Any], url: str = "index.json") -> list[Bucket]:
+    """The dataset's buckets in index order; one bucket "all" for a dataset without buckets.
+
+    Raises ValueError naming `url` and the shard or bucket when the two lists disagree."""
+    shards = index["shards"]
+    if not index.get("buckets"):
+        return [Bucket(name="all", latent_shape=tuple(int(x) for x in index["latent_shape"]),
+                       shards=tuple(range(len(shards))), samples=sum(int(s["samples"]) for s in shards))]
+    members: dict[str, list[int]] = {b["name"]: [] for b in index["buckets"]}
+    for i, s in enumerate(shards):
+        if s.get("bucket") not in members:
+            raise ValueError(f"{url}: shard {s.get('name')} names bucket {s.get('bucket')!r}, which is not "
+                             f"in the index's buckets {list(members)}")
+        members[s["bucket"]].append(i)
+    out = []
+    for b in index["buckets"]:
+        count = sum(int(shards[i]["samples"]) for i in members[b["name"]])
+        if count != int(b["samples"]):
+            raise ValueError(f"{url}: bucket {b['name']} says {b['samples']} samples, its shards hold {count}")
+        out.append(Bucket(name=b["name"], latent_shape=tuple(int(x) for x in b["latent_shape"]),
+                          shards=tuple(members[b["name"]]), samples=count, height=b.get("height"),
+                          width=b.get("width"), frames=b.get("frames")))
+    return out
+
+
+def shard_latent_shapes(index: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The latent shape of each entry of index["shards"] (its bucket's)."""
+    shapes: list[tuple[int, ...]] = [()] * len(index["shards"])
+    for b in dataset_buckets(index):
+        for i in b.shards:
+            shapes[i] = b.latent_shape
+    return shapes
 
 
 def write_index(prefix: str, index: dict[str, Any]) -> str:
@@ -148,21 +223,22 @@ def read_index(prefix: str) -> dict[str, Any]:
 class ShardWriter:
     """Write one shard: `add(...)` samples, then `commit()` (or `abort()`)."""
 
-    def __init__(self, prefix: str, index: int) -> None:
-        self.prefix = prefix
-        self.name = shard_name(index)
+    def __init__(self, prefix: str, index: int, bucket: str | None = None) -> None:
+        self.prefix, self.bucket = prefix, bucket
+        self.name = shard_name(index, bucket)
         self.url = storage.join(prefix, self.name)
         # A local destination gets its partial file beside it (a hidden name no reader lists),
         # so the commit is a rename, not a second write of every byte; object storage gets a
         # local temporary file and one upload.
         self._dest = storage.local_path(self.url)
+        self._base = self.name.rsplit("/", 1)[-1]
         folder = None
         if self._dest is not None:
             folder = os.path.dirname(os.path.abspath(self._dest))
             os.makedirs(folder, exist_ok=True)
-            for stale in glob.glob(os.path.join(glob.escape(folder), f".{self.name}.partial-*")):
+            for stale in glob.glob(os.path.join(glob.escape(folder), f".{self._base}.partial-*")):
                 os.unlink(stale)  # left by an attempt at this shard that was killed
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.partial-", suffix=".tar", dir=folder)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self._base}.partial-", suffix=".tar", dir=folder)
         os.close(fd)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._tar.copybufsize = 8 << 20  # members are written in one call, not 16 KiB pieces
@@ -217,7 +293,7 @@ class ShardWriter:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
         return ShardInfo(
-            name=self.name, samples=self.samples, bytes=size,
+            name=self.name, samples=self.samples, bytes=size, bucket=self.bucket,
             channel_sum=[] if self._sum is None else self._sum.tolist(),
             channel_sumsq=[] if self._sumsq is None else self._sumsq.tolist(),
             channel_count=self._count,
