@@ -205,10 +205,19 @@ class DataConfig:
     pin_memory: bool = True  # pin host memory when training on CUDA
     text: bool = True  # load text states when the shards have them
     validation: str | None = None  # held-out shard set (prefix with index.json) for train.validate_every
+    bucket_batch: Literal["same", "tokens"] = "same"  # bucketed datasets: micro_batch_size for every bucket, or (tokens) it is the largest bucket's and smaller ones take more samples so latent elements per micro-batch stay about equal
+    bucket_batch_sizes: dict[str, int] = field(default_factory=dict)  # bucketed datasets: micro-batch size by bucket name, overriding bucket_batch
+    bucket_weights: dict[str, float] = field(default_factory=dict)  # bucketed datasets: draw weight by bucket name (default 1: buckets drawn in proportion to the rounds they have left; > 1: earlier in the epoch)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError("data.micro_batch_size must be >= 1")
+        bad = {k: v for k, v in self.bucket_batch_sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"data.bucket_batch_sizes must be >= 1, got {bad}")
+        bad_w = {k: v for k, v in self.bucket_weights.items() if not v > 0}
+        if bad_w:
+            raise ValueError(f"data.bucket_weights must be > 0, got {bad_w}")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
         if not 0.0 <= self.max_corrupt_fraction <= 1.0:
@@ -507,6 +516,9 @@ class Config:
         keep = {k: d[k] for k in ("model", "diffusion", "codec", "train")}
         keep["data"] = {k: v for k, v in d["data"].items()
                         if k not in ("num_workers", "prefetch_factor", "pin_memory", "validation")}
+        for name, default in (("bucket_batch", "same"), ("bucket_batch_sizes", {}), ("bucket_weights", {})):
+            if keep["data"][name] == default:
+                del keep["data"][name]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -546,6 +558,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")

@@ -108,8 +108,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trip import storage
 from trip.config import DataConfig
-from trip.data.plan import EpochOrder, Intervals, RankPlan, Split, units_per_rank
-from trip.data.shards import BadSample, ShardFetcher, decode_sample, read_index, read_samples
+from trip.data.plan import BucketPlan, EpochOrder, Intervals, Split, bucket_schedule, units_per_rank
+from trip.data.shards import (
+    BadSample,
+    ShardFetcher,
+    dataset_buckets,
+    decode_sample,
+    read_index,
+    read_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +132,51 @@ class CorruptDataError(RuntimeError):
 
 
 @dataclass
+class _Part:
+    """One bucket of a pass: its shards, where its positions sit, what is left of it."""
+
+    name: str
+    shards: list[int]  # global shard numbers (index order)
+    shard_sizes: list[int]
+    offset: int  # the bucket's position p is offset + p in the loader state
+    latent_shape: tuple[int, ...]
+    salt: tuple[int, ...]  # EpochOrder salt: buckets are shuffled independently
+    remaining: list[list[int]]  # the bucket's own positions not yet delivered this epoch
+    split: Split
+
+
+@dataclass
 class _Pass:
     """Everything a worker needs to produce its batches of one pass (cheap to fork/pickle)."""
 
     urls: list[str]
     names: list[str]
-    shard_sizes: list[int]
+    parts: list[_Part]
     seed: int
     epoch: int
     shuffle_buffer: int
-    remaining: list[list[int]]
-    split: Split
     rank: int
-    units: int  # units this rank's pass is cut into (plan.RankPlan)
-    latent_shape: tuple[int, ...]
+    units: int  # units this rank's pass is cut into (plan.BucketPlan)
+    weights: list[float] | None  # bucket draw weights (plan.bucket_schedule)
     text_shape: tuple[int, ...] | None
     image_frame: int
     retries: int
+
+    @property
+    def num_batches(self) -> int:
+        return sum(p.split.num_batches for p in self.parts)
+
+    @property
+    def dealt(self) -> int:
+        """Samples dealt to this rank in the pass."""
+        return sum(p.split.stop(self.rank) - p.split.start(self.rank) for p in self.parts)
+
+
+def _plan(job: _Pass) -> BucketPlan:
+    schedule = bucket_schedule([p.split.num_rounds for p in job.parts], seed=job.seed, epoch=job.epoch,
+                               weights=job.weights if len(job.parts) > 1 else None)
+    return BucketPlan([Intervals(p.remaining) for p in job.parts], [p.split for p in job.parts],
+                      job.rank, job.units, schedule)
 
 
 @dataclass
@@ -160,10 +195,13 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _fresh_epoch(job: _Pass, epochs_later: int, seed: int, shuffle_buffer: int) -> _Pass:
     """The job of a whole epoch `epochs_later` epochs after `job`'s (nothing delivered yet)."""
-    n = sum(job.shard_sizes)
+    parts = []
+    for p in job.parts:
+        n = sum(p.shard_sizes)
+        parts.append(dataclasses.replace(p, remaining=[[0, n]] if n else [],
+                                         split=dataclasses.replace(p.split, remaining=n)))
     return dataclasses.replace(job, epoch=job.epoch + epochs_later, seed=seed, shuffle_buffer=shuffle_buffer,
-                               remaining=[[0, n]] if n else [],
-                               split=dataclasses.replace(job.split, remaining=n))
+                               parts=parts)
 
 
 class _PassStream(IterableDataset):
@@ -207,29 +245,48 @@ def _produce(job: _Pass, worker: int, num_workers: int) -> Iterator[list[dict[st
     the step always gets whole rounds): one unit each when there are as many workers as
     busy units, else (a single reader) all units, taking turns round by round as
     DataLoader workers do."""
-    plan = RankPlan(Intervals(job.remaining), job.split, job.rank, job.units)
-    units = [u for u, unit in enumerate(plan.units) if unit.batches][worker::num_workers]
+    plan = _plan(job)
+    units = [u for u in range(plan.units) if plan.unit_items(u).size][worker::num_workers]
     if not units:
         return
-    order = EpochOrder(job.shard_sizes, seed=job.seed, epoch=job.epoch, shuffle_buffer=job.shuffle_buffer)
+    orders = [EpochOrder(p.shard_sizes, seed=job.seed, epoch=job.epoch, shuffle_buffer=job.shuffle_buffer,
+                         salt=p.salt) for p in job.parts]
     fetcher = _fetcher(job.urls[0], job.retries)
-    accum = job.split.accum
-    streams = [_unit_batches(job, plan, u, order, fetcher) for u in units]
+    streams = [_unit_rounds(job, plan, u, orders, fetcher) for u in units]
     while streams:
         for stream in list(streams):
-            rounds = list(itertools.islice(stream, accum))
+            rounds = next(stream, None)
             if rounds:
                 yield rounds
             else:
                 streams.remove(stream)
 
 
-def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
+def _unit_rounds(job: _Pass, plan: BucketPlan, unit: int, orders: list[EpochOrder],
+                 fetcher: ShardFetcher) -> Iterator[list[dict[str, Any]]]:
+    """One unit's rounds (lists of `accum` micro-batches) in its order: the bucket of each
+    from the schedule, its samples from the unit's own run of that bucket."""
+    streams: dict[int, Iterator[dict[str, Any]]] = {}
+    try:
+        for b in plan.unit_items(unit).tolist():
+            if b not in streams:
+                streams[b] = _unit_batches(job, b, plan.plans[b], unit, orders[b], fetcher)
+            yield list(itertools.islice(streams[b], plan.accum))
+    finally:
+        for stream in streams.values():
+            stream.close()  # type: ignore[attr-defined]  # stops its fetch threads
+
+
+def _unit_batches(job: _Pass, bucket: int, plan: Any, unit: int, order: EpochOrder,
                   fetcher: ShardFetcher) -> Iterator[dict[str, Any]]:
-    """One unit's micro-batches in its delivery order, shards fetched ahead on threads."""
+    """One unit's micro-batches of one bucket in its delivery order (`plan`: the bucket's
+    `RankPlan`), shards fetched ahead on threads."""
+    part = job.parts[bucket]
     idx, valid = plan.slots(unit)
-    positions = plan.remaining.at(idx)
-    shard, ordinal = order.locate(positions)
+    local = plan.remaining.at(idx)
+    shard, ordinal = order.locate(local)
+    shard = np.asarray(part.shards, dtype=np.int64)[shard]  # the bucket's shard i -> the index's
+    positions = local + part.offset
     sizes = plan.batch_sizes(unit)
     cuts = np.concatenate(([0], np.cumsum(sizes))).tolist()
     needed = list(dict.fromkeys(shard.tolist()))  # in order of first use
@@ -237,6 +294,7 @@ def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
     last_use = dict(zip(shard.tolist(), np.repeat(np.arange(sizes.size), sizes).tolist()))
     loaded: dict[int, Future[_Shard]] = {}
     submitted = 0
+    expected = dict(zip(part.shards, part.shard_sizes))
 
     def load(s: int) -> _Shard:
         url = job.urls[s]
@@ -245,9 +303,9 @@ def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
         except FileNotFoundError:
             return _Shard([], f"{url}: shard listed in index.json is missing")
         samples, error = read_samples(buf, url)
-        if len(samples) > job.shard_sizes[s]:
+        if len(samples) > expected[s]:
             log.warning("%s holds %d samples, index.json says %d: the extra ones are never read",
-                        url, len(samples), job.shard_sizes[s])
+                        url, len(samples), expected[s])
         return _Shard(samples, error)
 
     with ThreadPoolExecutor(max_workers=max(1, _LOOKAHEAD)) as pool:
@@ -259,7 +317,7 @@ def _unit_batches(job: _Pass, plan: RankPlan, unit: int, order: EpochOrder,
                 loaded[needed[submitted]] = pool.submit(load, needed[submitted])
                 submitted += 1
             slots = [(loaded[s].result(), s, o) for s, o in zip(shard[rows].tolist(), ordinal[rows].tolist())]
-            yield _collate(job, slots, positions[rows], valid[rows])
+            yield _collate(job, bucket, slots, positions[rows], valid[rows])
             for s in row_shards:
                 if last_use[s] == j:
                     del loaded[s]
@@ -269,9 +327,10 @@ def _identity(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batches  # batches are collated in the worker already; skip DataLoader's default_convert
 
 
-def _layout(job: _Pass, bsz: int) -> list[tuple[str, tuple[int, ...]]]:
+def _layout(job: _Pass, bucket: int, bsz: int) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the float32 tensors packed, in order, into one batch buffer."""
-    parts = [("latents", (bsz, *job.latent_shape)), ("image_latents", (bsz, *job.latent_shape[1:]))]
+    shape = job.parts[bucket].latent_shape
+    parts = [("latents", (bsz, *shape)), ("image_latents", (bsz, *shape[1:]))]
     if job.text_shape:
         parts.append(("text_states", (bsz, *job.text_shape)))
     return parts
@@ -286,11 +345,12 @@ def _views(buffer: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> d
     return out
 
 
-def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndarray,
+def _collate(job: _Pass, bucket: int, rows: list[tuple[_Shard, int, int]], positions: np.ndarray,
              valid: np.ndarray) -> dict[str, Any]:
-    """One batch decoded straight into a single float32 buffer (shared memory in a worker,
-    so crossing to the main process passes one file descriptor and copies nothing)."""
-    layout = _layout(job, len(rows))
+    """One batch of one bucket decoded straight into a single float32 buffer (shared memory
+    in a worker, so crossing to the main process passes one file descriptor and copies nothing)."""
+    layout = _layout(job, bucket, len(rows))
+    shape = job.parts[bucket].latent_shape
     buffer = _shared_empty((sum(math.prod(shape) for _, shape in layout),), torch.float32)
     views = _views(buffer, layout)
     latents, text = views["latents"], views.get("text_states")
@@ -304,7 +364,7 @@ def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndar
             try:
                 if sample is None:
                     raise ValueError(sh.error or "sample missing from shard")
-                captions.append(_fill(job, sample, latents[i], None if text is None else text[i]))
+                captions.append(_fill(job, shape, sample, latents[i], None if text is None else text[i]))
             except ValueError as e:
                 latents[i].zero_()
                 if text is not None:
@@ -316,7 +376,7 @@ def _collate(job: _Pass, rows: list[tuple[_Shard, int, int]], positions: np.ndar
             keys.append(key)
     views["image_latents"].copy_(latents[:, job.image_frame])
     return {"_buffer": buffer, "valid": ok, "captions": captions, "keys": keys, "positions": positions.copy(),
-            "_positions": positions[valid].tolist(), "_corrupt": corrupt}
+            "_positions": positions[valid].tolist(), "_corrupt": corrupt, "_bucket": bucket}
 
 
 def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -332,10 +392,11 @@ def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
         dst.numpy()[...] = src
 
 
-def _fill(job: _Pass, sample: dict[str, Any], latents: torch.Tensor, text: torch.Tensor | None) -> str:
+def _fill(job: _Pass, latent_shape: tuple[int, ...], sample: dict[str, Any], latents: torch.Tensor,
+          text: torch.Tensor | None) -> str:
     """Decode one sample into its slots; returns its caption. Raises BadSample on anything
     outside the contract (the very check `data_tools validate` makes)."""
-    decoded = decode_sample(sample, sample["__url__"], latent_shape=job.latent_shape, text_shape=job.text_shape)
+    decoded = decode_sample(sample, sample["__url__"], latent_shape=latent_shape, text_shape=job.text_shape)
     if text is not None and decoded.text is not None:  # decode_sample requires it when text is set
         _cast_into(text, decoded.text)
     _cast_into(latents, decoded.latents)
@@ -375,24 +436,43 @@ class LatentLoader:
         self._sizes = [int(s["samples"]) for s in self.index["shards"]]
         self._urls = [storage.join(cfg.dataset, n) for n in self._names]
         self.num_samples = sum(self._sizes)
-        self._latent_shape = tuple(int(x) for x in self.index["latent_shape"])
+        self.buckets = dataset_buckets(self.index, storage.join(cfg.dataset, "index.json"))
+        self._offsets = np.concatenate(([0], np.cumsum([b.samples for b in self.buckets]))).tolist()
         text_shape = self.index.get("text_shape")
         self._text_shape = tuple(int(x) for x in text_shape) if cfg.text and text_shape else None
-        if not 0 <= cfg.image_frame < self._latent_shape[0]:
-            raise ValueError(f"data.image_frame={cfg.image_frame} is outside the {self._latent_shape[0]} "
-                             f"frames of {cfg.dataset}")
+        frames = min(b.latent_shape[0] for b in self.buckets)
+        if not 0 <= cfg.image_frame < frames:
+            raise ValueError(f"data.image_frame={cfg.image_frame} is outside the {frames} frames of "
+                             f"{cfg.dataset}{' (its shortest bucket)' if len(self.buckets) > 1 else ''}")
+        names = [b.name for b in self.buckets]
+        for key in ("bucket_batch_sizes", "bucket_weights"):
+            unknown = sorted(set(getattr(cfg, key)) - set(names))
+            if unknown:
+                raise ValueError(f"data.{key} names {unknown}, which are not buckets of {cfg.dataset} {names}")
+        self._batch_sizes = self._bucket_batch_sizes()
         self._dataset_id = _fingerprint(self.index)
-        whole = self._split(self.num_samples)  # raises if round_size < world_size
-        self.batches_per_epoch = whole.num_batches
-        self.micro_batches_per_round = whole.accum
+        # every bucket's rounds take as many micro-batches as the configured batch needs
+        self.micro_batches_per_round = Split(remaining=self.num_samples, world_size=world_size,
+                                             batch_size=cfg.micro_batch_size, pad=False, round_size=round_size).accum
+        self._round_sizes = [self._round_size(b) for b in range(len(self.buckets))]
+        whole = self._splits([b.samples for b in self.buckets])
+        self.batches_per_epoch = sum(sp.num_batches for sp in whole)
         if self.batches_per_epoch == 0:
             what = "world_size x micro_batch_size" if round_size is None else "round_size"
             raise ValueError(
-                f"{cfg.dataset} has {self.num_samples} samples, fewer than {what} = {whole.per_round}: "
-                f"no rank would get a batch (use data.uneven='pad' or a smaller batch)")
+                f"{cfg.dataset} has {self.num_samples} samples, fewer than {what} = {whole[0].per_round}"
+                f"{' in every bucket' if len(whole) > 1 else ''}: no rank would get a batch "
+                f"(use data.uneven='pad' or a smaller batch)")
+        for b, sp in zip(self.buckets, whole):
+            if sp.num_rounds == 0 and len(whole) > 1 and rank == 0:
+                log.warning("bucket %s has %d samples, fewer than one round of %d: with data.uneven=drop it is "
+                            "never delivered (use data.uneven=pad to deliver it in padded rounds)",
+                            b.name, b.samples, sp.per_round)
         self.wait_seconds = 0.0  # time the consumer spent blocked on this loader
         self.corrupt_samples = 0  # corrupt samples met (all passes), for the metrics module
         self.delivered_samples = 0  # valid samples handed to the training step (all passes)
+        self.bucket_samples: Counter[str] = Counter()  # valid samples delivered, by bucket (all passes)
+        self.bucket_slots: Counter[str] = Counter()  # slots delivered (padding and corrupt included), by bucket
         self._exhausted = False
         self._token: object | None = None
         self._workers: dict[str, Any] | None = None  # live DataLoader, see _open_pass
@@ -483,9 +563,45 @@ class LatentLoader:
         return merged
 
     # ------------------------------------------------------------------ passes
-    def _split(self, remaining: int) -> Split:
-        return Split(remaining=remaining, world_size=self.world_size, batch_size=self.cfg.micro_batch_size,
-                     pad=self.cfg.uneven == "pad", round_size=self.round_size)
+    def _bucket_batch_sizes(self) -> list[int]:
+        """Each bucket's micro-batch size (data.bucket_batch, data.bucket_batch_sizes)."""
+        base = self.cfg.micro_batch_size
+        elements = [math.prod(b.latent_shape) for b in self.buckets]
+        if self.cfg.bucket_batch == "tokens":
+            sizes = [max(1, base * max(elements) // e) for e in elements]
+        else:
+            sizes = [base] * len(self.buckets)
+        return [self.cfg.bucket_batch_sizes.get(b.name, n) for b, n in zip(self.buckets, sizes)]
+
+    def _round_size(self, b: int) -> int | None:
+        """Bucket b's round size: the configured one scaled by its micro-batch size, so a step
+        on a bucket of smaller clips trains on more of them (None: world_size x its batch)."""
+        size = self._batch_sizes[b]
+        if size == self.cfg.micro_batch_size:
+            return self.round_size
+        if self.round_size is None:
+            return self.world_size * size
+        scaled = round(self.round_size * size / self.cfg.micro_batch_size)
+        if scaled < self.world_size:
+            raise ValueError(f"bucket {self.buckets[b].name}: micro-batch size {size} makes its rounds "
+                             f"{scaled} samples, fewer than the {self.world_size} ranks")
+        return scaled
+
+    def _splits(self, remaining: list[int]) -> list[Split]:
+        """Each bucket's split of its `remaining` samples; buckets share the micro-batches per round."""
+        forced = self.micro_batches_per_round if len(self.buckets) > 1 else None
+        return [Split(remaining=n, world_size=self.world_size, batch_size=self._batch_sizes[b],
+                      pad=self.cfg.uneven == "pad", round_size=self._round_sizes[b], micro_batches=forced)
+                for b, n in enumerate(remaining)]
+
+    def _bucket_remaining(self, b: int) -> Intervals:
+        """Bucket b's positions (its own numbering) not delivered yet this epoch."""
+        lo, hi = self._offsets[b], self._offsets[b + 1]
+        if len(self.buckets) == 1:
+            return self._consumed.complement(hi)
+        starts, ends = self._consumed.starts, self._consumed.ends
+        inside = Intervals(np.stack((np.clip(starts, lo, hi) - lo, np.clip(ends, lo, hi) - lo), axis=1))
+        return inside.complement(hi - lo)
 
     def _advance_epoch(self) -> None:
         self.epoch += 1
@@ -494,27 +610,32 @@ class LatentLoader:
         self._own = Intervals()
         self._exhausted = False
 
-    def _current_split(self) -> tuple[Intervals, Split]:
-        """The remaining positions and their split; skips over an epoch with nothing left."""
+    def _current_pass(self) -> _Pass:
+        """This rank's job for what is left of the epoch; skips over an epoch with nothing left."""
         while True:
-            remaining = self._consumed.complement(self.num_samples)
-            split = self._split(len(remaining))
-            if split.num_batches > 0 or self._consumed.num_ranges == 0:
-                return remaining, split
+            remaining = [self._bucket_remaining(b) for b in range(len(self.buckets))]
+            splits = self._splits([len(r) for r in remaining])
+            if sum(sp.num_batches for sp in splits) > 0 or self._consumed.num_ranges == 0:
+                break
             self._advance_epoch()
+        parts = [_Part(name=b.name, shards=list(b.shards), shard_sizes=[self._sizes[i] for i in b.shards],
+                       offset=self._offsets[i], latent_shape=b.latent_shape,
+                       salt=() if len(self.buckets) == 1 else (i + 1,), remaining=r.to_list(), split=sp)
+                 for i, (b, r, sp) in enumerate(zip(self.buckets, remaining, splits))]
+        weights = [float(self.cfg.bucket_weights.get(b.name, 1.0)) for b in self.buckets]
+        return _Pass(urls=self._urls, names=self._names, parts=parts, seed=self._seed, epoch=self.epoch,
+                     shuffle_buffer=self._buffer, rank=self.rank, units=self._units, weights=weights,
+                     text_shape=self._text_shape, image_frame=self.cfg.image_frame, retries=self.cfg.retries)
 
     def __len__(self) -> int:
         """Batches the next (or current) pass yields on this rank."""
-        return self._current_split()[1].num_batches
+        return self._current_pass().num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        remaining, split = self._current_split()
-        job = _Pass(urls=self._urls, names=self._names, shard_sizes=self._sizes, seed=self._seed,
-                    epoch=self.epoch, shuffle_buffer=self._buffer, remaining=remaining.to_list(),
-                    split=split, rank=self.rank, units=self._units, latent_shape=self._latent_shape,
-                    text_shape=self._text_shape, image_frame=self.cfg.image_frame, retries=self.cfg.retries)
+        job = self._current_pass()
         # a worker per unit that has batches; snapping may leave fewer units than workers
-        busy = sum(1 for unit in RankPlan(remaining, split, self.rank, self._units).units if unit.batches)
+        plan = _plan(job)
+        busy = sum(1 for u in range(plan.units) if plan.unit_items(u).size)
         token = self._token = object()  # a newer pass makes this one stop
         return self._run(job, min(self.cfg.num_workers, busy), token)
 
@@ -532,7 +653,7 @@ class LatentLoader:
         pin = self.cfg.pin_memory and torch.cuda.is_available() and (
             self.device is None or self.device.type == "cuda")
         stream = _PassStream(job, self.cfg.seed, self.cfg.shuffle_buffer)
-        prefetch = -(-self.cfg.prefetch_factor // job.split.accum)  # items are rounds: keep the memory bound
+        prefetch = -(-self.cfg.prefetch_factor // self.micro_batches_per_round)  # items are rounds: keep the memory bound
         dataloader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=workers,
                                 pin_memory=pin, persistent_workers=workers > 0,
                                 prefetch_factor=prefetch if workers else None)
@@ -548,15 +669,15 @@ class LatentLoader:
             self._workers = None
 
     def _run(self, job: _Pass, workers: int, token: object) -> Iterator[dict[str, Any]]:
-        split = job.split
-        budget = self.cfg.max_corrupt_fraction * (split.stop(self.rank) - split.start(self.rank))
+        total, dealt = job.num_batches, job.dealt
+        budget = self.cfg.max_corrupt_fraction * dealt
         bad_shards: Counter[str] = Counter()
         self._exhausted = False
         it = self._open_pass(job, workers)
         pending: list[dict[str, Any]] = []  # the rest of the round being handed out
         done = False
         try:
-            for n in range(split.num_batches):
+            for n in range(total):
                 if self._token is not token:  # a newer pass took over
                     return
                 if not pending:
@@ -564,7 +685,7 @@ class LatentLoader:
                     pending = next(it, None) or []
                     self.wait_seconds += time.perf_counter() - t0
                 if not pending:
-                    raise RuntimeError(f"loader pass ended after {n} of {split.num_batches} batches")
+                    raise RuntimeError(f"loader pass ended after {n} of {total} batches")
                 batch = pending.pop(0)
                 for shard, key, why in batch.pop("_corrupt"):
                     log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, why)
@@ -574,15 +695,20 @@ class LatentLoader:
                     raise CorruptDataError(
                         f"{sum(bad_shards.values())} corrupt samples on rank {self.rank} exceed "
                         f"data.max_corrupt_fraction={self.cfg.max_corrupt_fraction} of the "
-                        f"{split.stop(self.rank) - split.start(self.rank)} samples dealt to it; "
+                        f"{dealt} samples dealt to it; "
                         f"shards: {dict(bad_shards)}")
                 delivered = batch.pop("_positions")
                 self._consumed.add(delivered)
                 self._own.add(delivered)
-                batch = self._unpack(batch, _layout(job, len(batch["valid"])))
-                batch["epoch"] = job.epoch
-                self.delivered_samples += int(batch["valid"].sum())
-                self._exhausted = n == split.num_batches - 1
+                b = batch.pop("_bucket")
+                part = job.parts[b]
+                batch = self._unpack(batch, _layout(job, b, len(batch["valid"])))
+                batch.update(epoch=job.epoch, bucket=part.name, round_size=part.split.per_round)
+                valid = int(batch["valid"].sum())
+                self.delivered_samples += valid
+                self.bucket_samples[part.name] += valid
+                self.bucket_slots[part.name] += len(batch["valid"])
+                self._exhausted = n == total - 1
                 yield self._to_device(batch)
             done = True
         finally:

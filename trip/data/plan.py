@@ -239,10 +239,12 @@ class EpochOrder:
     a reader needs at most one group's shards in memory to produce any of its samples.
     """
 
-    def __init__(self, shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int) -> None:
+    def __init__(self, shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int,
+                 salt: Sequence[int] = ()) -> None:
+        """`salt`: extra seed words, so the buckets of one dataset are shuffled independently."""
         self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
-        self.seed, self.epoch = int(seed), int(epoch)
-        order = np.random.default_rng([self.seed, self.epoch, 0]).permutation(len(self.shard_sizes))
+        self.seed, self.epoch, self.salt = int(seed), int(epoch), [int(x) for x in salt]
+        order = np.random.default_rng([self.seed, self.epoch, 0, *self.salt]).permutation(len(self.shard_sizes))
         groups: list[np.ndarray] = []
         current: list[int] = []
         filled = 0
@@ -266,7 +268,7 @@ class EpochOrder:
             shards = self.groups[g]
             sid = np.repeat(shards, self.shard_sizes[shards])
             ordinal = np.concatenate([np.arange(self.shard_sizes[s]) for s in shards])
-            perm = np.random.default_rng([self.seed, self.epoch, 1, g]).permutation(sid.size)
+            perm = np.random.default_rng([self.seed, self.epoch, 1, g, *self.salt]).permutation(sid.size)
             if len(self._cache) > 8:  # bounded: readers walk groups mostly in order
                 self._cache.clear()
             self._cache[g] = (sid[perm], ordinal[perm])
@@ -329,10 +331,13 @@ class Split:
     batch_size: int
     pad: bool
     round_size: int | None = None
+    micro_batches: int | None = None  # micro-batches per round; None: ceil(max_r q_r / batch_size)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or self.batch_size < 1:
             raise ValueError(f"world_size={self.world_size} and batch_size={self.batch_size} must be >= 1")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches} must be >= 1")
         if self.round_size is not None and self.round_size < self.world_size:
             raise ValueError(f"round_size={self.round_size} is smaller than world_size={self.world_size}: "
                              f"every rank needs at least one sample per round")
@@ -349,7 +354,10 @@ class Split:
 
     @property
     def accum(self) -> int:
-        """Micro-batches per round, the same on every rank: ceil(max_r q_r / batch_size)."""
+        """Micro-batches per round, the same on every rank: ceil(max_r q_r / batch_size), or
+        `micro_batches` when given (the buckets of a dataset share one count, see `BucketPlan`)."""
+        if self.micro_batches is not None:
+            return self.micro_batches
         biggest = -(-self.per_round // self.world_size)
         return -(-biggest // self.batch_size)
 
@@ -455,7 +463,11 @@ class RankPlan:
     Both only permute and partition the rank's own slots: exactly-once is untouched.
     """
 
-    def __init__(self, remaining: Intervals, split: Split, rank: int, units: int) -> None:
+    def __init__(self, remaining: Intervals, split: Split, rank: int, units: int,
+                 bounds: Sequence[int] | None = None) -> None:
+        """`bounds`: the units' round boundaries (units + 1 of them, 0 first, num_rounds last)
+        instead of snapping or an even split; `BucketPlan` sets them so every rank cuts its
+        rounds alike. The last unit holding rounds then delivers the padded round."""
         if len(remaining) != split.remaining:
             raise ValueError(f"the split is for {split.remaining} remaining samples, the set holds {len(remaining)}")
         if units < 1:
@@ -469,14 +481,20 @@ class RankPlan:
         lo, hi = np.searchsorted(fragments, (start, stop))
         inside = fragments[lo:hi].tolist()  # (small lists from here on: plain Python is fastest)
         snapped = sorted({(f - start) // self._per_round for f in inside})  # the round holding each
-        self.snapped = remaining.num_ranges > 1 and len(snapped) >= -(-units // 2)
-        if self.snapped:
+        self.snapped = bounds is None and remaining.num_ranges > 1 and len(snapped) >= -(-units // 2)
+        if bounds is not None:
+            bounds = [int(b) for b in bounds]
+            if len(bounds) != units + 1 or bounds[0] != 0 or bounds[-1] != rounds or bounds != sorted(bounds):
+                raise ValueError(f"bounds {bounds} are not {units} units' boundaries over {rounds} rounds")
+        elif self.snapped:
             bounds = _snapped_bounds(rounds, min(len(snapped), units), snapped[1:])
         else:
             bounds = [rounds - _balanced_start(units - i, rounds, units) for i in range(units + 1)]
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
         padding = [0] * len(lengths)
-        if rounds:  # the last unit of the longest ones delivers the rank's last round
+        if rounds and bounds is not None:  # the last unit holding rounds holds the last round
+            padding[max(u for u, n in enumerate(lengths) if n)] = rounds * self._per_round - stop + start
+        elif rounds:  # the last unit of the longest ones delivers the rank's last round
             padding[len(lengths) - 1 - lengths[::-1].index(max(lengths))] = rounds * self._per_round - stop + start
         real = [start]
         for n, pad in zip(lengths, padding):
@@ -572,3 +590,95 @@ def _snapped_bounds(num_rounds: int, units: int, candidates: list[int]) -> list[
         bounds.append(candidates[p])
         j = p + 1
     return [*bounds, num_rounds]
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+def bucket_schedule(rounds: Sequence[int], *, seed: int, epoch: int,
+                    weights: Sequence[float] | None = None) -> np.ndarray:
+    """Which bucket each of a pass's rounds comes from (int64 [sum(rounds)]).
+
+    Every round of bucket b gets the key log(u) / w_b, u uniform from (seed, epoch, the
+    round counts); rounds are taken by decreasing key. With equal weights this is a
+    uniformly random order of the rounds, so buckets are drawn in proportion to the rounds
+    they have left at every point of the pass; a weight above 1 draws a bucket's rounds
+    earlier (sooner, not more often: each round is still delivered once). Depends on
+    nothing per rank, so every rank computes the same schedule.
+    """
+    rounds = np.asarray(rounds, dtype=np.int64)
+    ids = np.repeat(np.arange(rounds.size, dtype=np.int64), rounds)
+    if ids.size == 0:
+        return ids
+    w = np.ones(rounds.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != rounds.shape or not np.all(w > 0):
+        raise ValueError(f"bucket weights {list(w)} must be one positive number per bucket ({rounds.size})")
+    u = np.random.default_rng([int(seed), int(epoch), 2, *rounds.tolist()]).random(ids.size)
+    keys = np.log(np.maximum(u, np.finfo(np.float64).tiny)) / w[ids]
+    return ids[np.argsort(-keys, kind="stable")]
+
+
+class BucketPlan:
+    """Rank `rank`'s rounds of one pass over a bucketed dataset, cut into units.
+
+    Each bucket has its own positions (an `EpochOrder` over its shards), its own remaining
+    set and its own `Split` (round size G_b, micro-batch size B_b); all buckets share the
+    number of micro-batches per round, so every optimizer step takes the same count. The
+    pass is a sequence of K rounds, `schedule[k]` naming the bucket of round k, the same on
+    every rank. Unit u owns schedule items u, u + U, u + 2U, ... and yields them in order;
+    units deliver in turn, a round each, as DataLoader workers do, so a rank delivers its
+    rounds in schedule order: the t-th round is the same bucket on every rank. In bucket
+    b, unit u owns as many of the rank's rounds of b as it has items of b, as one
+    contiguous run (unit 0 first), given to b's `RankPlan` as forced unit bounds: a unit
+    reads one region of each bucket's order, and no per-rank snapping breaks the
+    lockstep (rotation still starts each unit at the first fragment start it holds).
+    A dataset with one bucket uses its `RankPlan` as it is, snapping included.
+    """
+
+    def __init__(self, remaining: Sequence[Intervals], splits: Sequence[Split], rank: int, units: int,
+                 schedule: np.ndarray) -> None:
+        accums = {s.accum for s in splits}
+        if len(accums) != 1:
+            raise ValueError(f"the buckets' splits have different micro-batches per round: {sorted(accums)}")
+        self.accum = accums.pop()
+        self.splits, self.rank = list(splits), rank
+        self.schedule = np.asarray(schedule, dtype=np.int64)
+        rounds = [s.num_rounds for s in splits]
+        if np.bincount(self.schedule, minlength=len(splits)).tolist() != rounds:
+            raise ValueError(f"the schedule does not hold each bucket's rounds {rounds}")
+        if len(splits) == 1:
+            self.plans = [RankPlan(remaining[0], splits[0], rank, units)]
+            self.units = len(self.plans[0].units)  # snapping may use fewer
+            self._items = [self.schedule[:len(u.batches) // self.accum] for u in self.plans[0].units]
+            return
+        self.units = units
+        self._items = [self.schedule[u::units] for u in range(units)]
+        per_unit = np.array([np.bincount(items, minlength=len(splits)) for items in self._items])  # [unit, bucket]
+        bounds = np.concatenate((np.zeros((1, len(splits)), dtype=np.int64), np.cumsum(per_unit, axis=0)))
+        self.plans = [RankPlan(remaining[b], splits[b], rank, units, bounds=bounds[:, b].tolist())
+                      for b in range(len(splits))]
+
+    def unit_items(self, unit: int) -> np.ndarray:
+        """The buckets of unit `unit`'s rounds, in its delivery order (int64)."""
+        return self._items[unit]
+
+    def delivery_order(self) -> list[tuple[int, int]]:
+        """(unit, its item) of every round in the rank's delivery order: units in turn, a round
+        each, skipping finished ones."""
+        lengths = [items.size for items in self._items]
+        return [(u, j) for j in range(max(lengths, default=0)) for u in range(self.units) if j < lengths[u]]
+
+    def delivered(self, rounds: int) -> list[Intervals]:
+        """Each bucket's positions (its own numbering) of the real samples the rank has
+        delivered after its first `rounds` rounds."""
+        done = [0] * self.units
+        for u, _ in self.delivery_order()[:rounds]:
+            done[u] += 1
+        out = []
+        for b, plan in enumerate(self.plans):
+            ranges = []
+            for u in range(self.units):
+                own = self.unit_items(u)[:done[u]]
+                ranges += plan._delivered_ranges(u, int(np.count_nonzero(own == b)) * self.accum)
+            out.append(plan._positions_of(ranges))
+        return out
