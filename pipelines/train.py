@@ -43,6 +43,28 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_buckets(cfg: Config, index: dict, url: str) -> None:
+    """Every bucket of a bucketed dataset must fit the model: its channels, at most
+    model.num_frames frames, and h, w the model can take (TNF resamples its position grid)."""
+    from trip.config import latent_size_problem
+    from trip.data.shards import dataset_buckets
+
+    m = cfg.model
+    try:
+        buckets = dataset_buckets(index, url)
+    except ValueError as e:
+        raise ConfigError(f"data.dataset: {e}") from e
+    for b in buckets:
+        f, c, h, w = b.latent_shape
+        problem = latent_size_problem(m, (h, w))
+        if c != m.latent_channels:
+            problem = f"{c} latent channels, the model has model.latent_channels={m.latent_channels}"
+        elif f > m.num_frames:
+            problem = f"{f} frames, more than model.num_frames={m.num_frames}"
+        if problem:
+            raise ConfigError(f"{url}: bucket {b.name} (latents {list(b.latent_shape)}) does not fit the model: {problem}")
+
+
 def validate(cfg: Config) -> None:
     """Fail before any worker starts, naming the file or field at fault."""
     from trip.data.shards import read_index
@@ -57,8 +79,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.dataset: {e}") from e
     m = cfg.model
     want = [m.num_frames, m.latent_channels, *m.latent_hw]
-    if list(index["latent_shape"]) != want:
-        raise ConfigError(f"{storage.join(cfg.data.dataset, 'index.json')}: latent_shape {index['latent_shape']} "
+    url = storage.join(cfg.data.dataset, "index.json")
+    if index.get("buckets"):
+        _check_buckets(cfg, index, url)
+    elif list(index["latent_shape"]) != want:
+        raise ConfigError(f"{url}: latent_shape {index['latent_shape']} "
                           f"does not match the model's [num_frames, latent_channels, h, w] "
                           f"(model.latent_size) = {want}")
     text = index.get("text_shape")

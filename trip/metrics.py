@@ -75,6 +75,9 @@ class NullMetrics:
     def corrupt(self, count: int) -> None:
         """Add corrupt samples skipped by the loader."""
 
+    def buckets(self, samples: dict[str, int], slots: dict[str, int]) -> None:
+        """Add real samples and micro-batch slots delivered, by bucket (since the last call)."""
+
     def checkpoint_saved(self, seconds: float) -> None:
         """Record one checkpoint save (+ upload)."""
 
@@ -108,6 +111,10 @@ class TrainMetrics(NullMetrics):
         self._wait = bound(Counter("trip_data_wait_seconds", "Seconds the steps waited for data", names,
                                    registry=r))
         self._corrupt = bound(Counter("trip_data_corrupt_samples", "Corrupt samples skipped", names, registry=r))
+        self._bucket_samples = Counter("trip_data_bucket_samples", "Samples trained on, by dataset bucket",
+                                       names + ["bucket"], registry=r)
+        self._bucket_slots = Counter("trip_data_bucket_slots", "Micro-batch slots (real, padding and corrupt), "
+                                     "by dataset bucket", names + ["bucket"], registry=r)
         self._save = bound(Histogram("trip_checkpoint_save_seconds", "Seconds to save and upload a checkpoint",
                                      names, buckets=SAVE_BUCKETS, registry=r))
         self._world = bound(Gauge("trip_train_world_size", "Workers in the training group", names, registry=r))
@@ -148,6 +155,12 @@ class TrainMetrics(NullMetrics):
     def corrupt(self, count: int) -> None:
         if count > 0:
             self._corrupt.inc(count)
+
+    def buckets(self, samples: dict[str, int], slots: dict[str, int]) -> None:
+        for name in slots:  # bucket names come from index.json: checked like any label value
+            label = {**self._labels, "bucket": safe_label(name, "bucket name")}
+            self._bucket_samples.labels(**label).inc(samples.get(name, 0))
+            self._bucket_slots.labels(**label).inc(slots[name])
 
     def checkpoint_saved(self, seconds: float) -> None:
         self._save.observe(seconds)

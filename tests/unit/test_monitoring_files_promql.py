@@ -29,7 +29,7 @@ TRIP_METRICS = {
     "trip_gpu_memory_reserved_bytes", "trip_preprocess_videos_total", "trip_preprocess_bytes_total",
     "trip_preprocess_encode_seconds_bucket", "trip_preprocess_shards_total",
     "trip_preprocess_fetch_retries_total", "trip_preprocess_fetch_failures_total",
-    "trip_preprocess_fetch_bytes_total",
+    "trip_preprocess_fetch_bytes_total", "trip_data_bucket_samples_total", "trip_data_bucket_slots_total",
 }
 # the validation actor's (trip.train.validation)
 TRIP_METRICS |= {f"trip_val_{name}" for name in VALIDATION_METRICS}

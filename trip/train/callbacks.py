@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -52,6 +52,7 @@ class StepInfo:
     seconds: float
     keys: list[str]  # their sample keys, in order
     epochs: list[int]  # the loader's epoch at each micro-batch
+    buckets: list[str] = field(default_factory=list)  # the dataset bucket of each micro-batch ("all": no buckets)
 
 
 class TrainCallback:
@@ -75,7 +76,7 @@ class TrainCallback:
 class RecordSteps(TrainCallback):
     """Writes `worker-rank<r>.json` (the rank's `WorkerInfo`, rewritten at each attempt),
     appends one JSON line per step to `keys-rank<r>.jsonl` (attempt, step, world size,
-    epochs, keys) and one per committed checkpoint to `checkpoints.jsonl` (attempt, step,
+    epochs, keys, buckets) and one per committed checkpoint to `checkpoints.jsonl` (attempt, step,
     url), under `directory`: a path every worker can write (local runs, or a shared volume)."""
 
     def __init__(self, directory: str) -> None:
@@ -90,7 +91,7 @@ class RecordSteps(TrainCallback):
 
     def on_step(self, worker: WorkerInfo, step: StepInfo) -> None:
         line = {"attempt": worker.attempt, "step": step.step, "world_size": worker.world_size,
-                "epochs": step.epochs, "keys": step.keys}
+                "epochs": step.epochs, "keys": step.keys, "buckets": step.buckets}
         with open(os.path.join(self.directory, f"keys-rank{worker.rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(line) + "\n")
 

@@ -121,7 +121,6 @@ class Trainer:
         self.loader = LatentLoader(cfg.data, rank, world, state=meta["loader"] if meta else None,
                                    device=None, round_size=cfg.train.global_batch_size)
         self.accum = self.loader.micro_batches_per_round
-        self.loss_scale = world * self.accum / cfg.train.global_batch_size  # per-sample weight, see docstring
         universal = meta is not None and meta["world_size"] != world
 
         lora = cfg.train.lora
@@ -252,7 +251,8 @@ class Trainer:
             batch = _zero_weight_stand_in(batch)  # it must still run the collectives of a forward
         latents = batch["latents"].permute(0, 2, 1, 3, 4)  # [B,F,C,h,w] -> [B,C,F,h,w]
         t, noise, keep = self.draws(batch["positions"], batch["epoch"], tuple(latents.shape[1:]))
-        weights = batch["valid"].float() * self.loss_scale
+        # the per-sample weight W * accum / G of the round's bucket (G: its round size)
+        weights = batch["valid"].float() * (self.world * self.accum / batch["round_size"])
         text = batch.get("text_states")
         loss = self.engine(latents.to(d, dt), batch["image_latents"].to(d, dt),
                            text.to(d, dt) if text is not None else None, None,
@@ -271,13 +271,14 @@ class Trainer:
                    f"each rank holds {self.partition_fraction:.3f} of the partitioned parameters")
         it = self._batches()
         t_start, steps_here, last_saved, corrupt_seen = time.perf_counter(), 0, self.step, 0
+        bucket_samples_seen, bucket_slots_seen = +self.loader.bucket_samples, +self.loader.bucket_slots
         try:
             while self.step < cfg.train.max_steps:
                 factor = lr_factor(self.step, cfg.train)
                 for g, base in zip(self.optimizer.param_groups, self.base_lrs):
                     g["lr"] = base * factor
                 t0, wait0 = time.perf_counter(), self.loader.wait_seconds
-                losses, samples, keys, epochs = [], 0, [], []
+                losses, samples, keys, epochs, buckets = [], 0, [], [], []
                 for micro in range(self.accum):
                     epochs.append(self.loader.epoch)
                     batch = next(it)
@@ -285,11 +286,13 @@ class Trainer:
                     # (step, rank, micro-batch), a resumed run repeats it with no RNG state saved
                     torch.manual_seed(_micro_seed(cfg.train.seed, self.step, rank, micro))
                     losses.append(self._micro_step(batch))
+                    buckets.append(batch["bucket"])
+                    scale = self.world * self.accum / batch["round_size"]  # the step's rounds are one bucket's
                     flags = [bool(v) for v in batch["valid"]]
                     keys += [k for k, ok in zip(batch["keys"], flags) if ok]
                     samples += sum(flags)
                 # the one host sync of the step; the rank's mean per-sample loss, for logs
-                loss = float(torch.stack(losses).sum()) / self.loss_scale / max(samples, 1)
+                loss = float(torch.stack(losses).sum()) / scale / max(samples, 1)
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update()
@@ -302,9 +305,12 @@ class Trainer:
                 self.metrics.data_wait(self.loader.wait_seconds - wait0)
                 self.metrics.corrupt(self.loader.corrupt_samples - corrupt_seen)
                 corrupt_seen = self.loader.corrupt_samples
+                self.metrics.buckets(dict(self.loader.bucket_samples - bucket_samples_seen),
+                                     dict(self.loader.bucket_slots - bucket_slots_seen))
+                bucket_samples_seen, bucket_slots_seen = +self.loader.bucket_samples, +self.loader.bucket_slots
                 if self.callbacks:
                     info = StepInfo(step=self.step, loss=loss, samples=samples, seconds=seconds,
-                                    keys=keys, epochs=epochs)
+                                    keys=keys, epochs=epochs, buckets=buckets)
                     for cb in self.callbacks:
                         cb.on_step(self.worker, info)
                 steps_here += 1
