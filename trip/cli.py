@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write every frame side by side as a lossless PNG")
     p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the trained size)")
     p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the trained size)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per video, up to the model's (default: the trained count)")
     p.set_defaults(func=_dispatch("trip.sampling:cli"))
 
     p = sub.add_parser("preprocess", help="WebVid CSV + videos -> latent shards (Ray job, a task a shard)")

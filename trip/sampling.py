@@ -90,11 +90,13 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def generate(pipe: Any, images: torch.Tensor, cfg: SampleConfig, prompt: str | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, num_frames: int | None = None) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] -> videos [B, F, 3, H, W] in [0, 1] with `cfg`'s settings
-    (H x W: the model's frame size or another one it takes, see `TRIPPipeline.__call__`)."""
+    (H x W: the model's frame size or another one it takes, F: `num_frames`, default the
+    trained count; see `TRIPPipeline.__call__`)."""
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
-    out = pipe(image=images, prompt=prompt, height=images.shape[2], width=images.shape[3], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+    out = pipe(image=images, prompt=prompt, num_frames=num_frames, height=images.shape[2], width=images.shape[3],
+               num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                eta=cfg.eta, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
     return out.frames.cpu()
 
@@ -120,7 +122,8 @@ def cli(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
         image = prepare_image(read_frames(path, max_frames=1)[0], size)
-        video = generate(pipe, image[None], sample_cfg, prompt=args.prompt, progress=True)[0]
+        video = generate(pipe, image[None], sample_cfg, prompt=args.prompt, progress=True,
+                         num_frames=getattr(args, "num_frames", None))[0]
         stem = os.path.splitext(os.path.basename(path))[0]
         written = [write_mp4(video, os.path.join(args.out, f"{stem}.mp4"), fps=sample_cfg.fps),
                    write_gif(video, os.path.join(args.out, f"{stem}.gif"), fps=sample_cfg.fps,

@@ -83,6 +83,9 @@ def test_trip_sample_cli_writes_an_mp4_and_a_gif_per_image(tmp_path, tiny_model_
     assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "first.png"),
                       "--out", str(tmp_path / "wide"), "--height", "16", "--width", "24"]) == 0
     assert read_frames(str(tmp_path / "wide" / "first.mp4")).shape == (4, 3, 16, 24)
+    assert trip_main(["sample", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "first.png"),
+                      "--out", str(tmp_path / "short"), "--height", "24", "--width", "16", "--num-frames", "2"]) == 0
+    assert read_frames(str(tmp_path / "short" / "first.mp4")).shape == (2, 3, 24, 16)  # a portrait bucket's shape
 
 
 def test_trip_sample_cli_names_a_missing_image(tmp_path, tiny_model_config, capsys):
