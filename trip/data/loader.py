@@ -54,6 +54,26 @@ Design
    the epoch is delivered exactly once, then the next epoch starts with the config's
    seed and shuffle_buffer (the resumed epoch keeps the ones it started with).
 
+6. Buckets. A dataset preprocessed into several shapes (index.json "buckets", see
+   `trip.data.shards`) is read bucket by bucket: each bucket has its own order (an
+   `EpochOrder` over its shards, salted by the bucket) and its positions sit in one
+   range of the global position space, so the state, `merge_states` and every guarantee
+   above are unchanged. Each bucket is dealt by its own `Split`: its micro-batch size B_b
+   (`data.bucket_batch`: the same for all, or "tokens": micro_batch_size is the largest
+   bucket's and smaller clips take more so latent elements per micro-batch stay about
+   equal; `data.bucket_batch_sizes` per bucket) and its round G_b = G x B_b / B; all
+   buckets share `micro_batches_per_round`, so DeepSpeed's accumulation count is fixed
+   and a step on bucket b trains on exactly G_b samples at any world size. A pass is a
+   schedule of rounds (`plan.bucket_schedule`): a random order of every bucket's rounds,
+   so buckets are drawn in proportion to what they have left (`data.bucket_weights`
+   moves a bucket's rounds earlier). The schedule depends on (seed, epoch, rounds left)
+   only and each rank delivers it in order (`plan.BucketPlan`), so at every step all
+   ranks train on the same bucket. With data.uneven="drop" a bucket's tail of fewer than
+   G_b samples waits for a later epoch's order, and a bucket smaller than one round is
+   never delivered (a warning names it at start); with "pad" its last round is padded.
+   A batch carries `bucket` (its name; "all" for a dataset without buckets) and
+   `round_size` (G_b). Memory: a unit holds one shuffle group per bucket it is reading.
+
 Passes and epochs: `for batch in loader` yields this rank's remaining batches of the
 current epoch and stops; the epoch then advances and iterating again runs the next one.
 Leaving the loop early keeps the position, so iterating again continues the same epoch.
@@ -82,7 +102,7 @@ size, else it may differ between ranks and micro-batches): latents float32
 [b, F, C, h, w]; image_latents float32 [b, C, h, w] (frame `image_frame`); text_states
 float32 [b, L, D] when the shards have text and `data.text`; valid bool [b]; positions
 int64 [b] (padding repeats a real sample's position); epoch int; captions list[str];
-keys list[str].
+keys list[str]; bucket str; round_size int. Shapes are the batch's bucket's.
 """
 
 from __future__ import annotations
