@@ -271,6 +271,7 @@ class Trainer:
                    f"each rank holds {self.partition_fraction:.3f} of the partitioned parameters")
         it = self._batches()
         t_start, steps_here, last_saved, corrupt_seen = time.perf_counter(), 0, self.step, 0
+        samples_here = 0
         bucket_samples_seen, bucket_slots_seen = +self.loader.bucket_samples, +self.loader.bucket_slots
         try:
             while self.step < cfg.train.max_steps:
@@ -314,8 +315,9 @@ class Trainer:
                     for cb in self.callbacks:
                         cb.on_step(self.worker, info)
                 steps_here += 1
+                samples_here += batch["round_size"]  # the step's global batch: its bucket's round
                 elapsed = time.perf_counter() - t_start
-                sps = steps_here * cfg.train.global_batch_size / max(elapsed, 1e-9)
+                sps = samples_here / max(elapsed, 1e-9)
                 if rank == 0:
                     self.pending_history.append({"step": self.step, "loss": loss, "samples_per_second": sps,
                                                  "grad_norm": grad_norm, "lr_factor": factor,
