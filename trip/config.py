@@ -624,10 +624,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except ConfigError as e:
                 errors.append(str(e))
-                # the option of the value's own kind (a mapping for a section, a list for a
-                # tuple) says best what is wrong inside it
-                if (isinstance(value, dict) and dataclasses.is_dataclass(a)) or (
-                        isinstance(value, (list, tuple)) and typing.get_origin(a) is tuple):
+                # a union with a section (preprocess.buckets): the option of the value's own
+                # kind (a mapping for the section, a list for a tuple) says best what is wrong
+                if any(dataclasses.is_dataclass(o) for o in args) and (
+                        (isinstance(value, dict) and dataclasses.is_dataclass(a))
+                        or (isinstance(value, (list, tuple)) and typing.get_origin(a) is tuple)):
                     fitting.append(str(e))
         if len(fitting) == 1:
             raise ConfigError(fitting[0])
