@@ -178,3 +178,28 @@ def test_a_shard_task_writes_one_tar_per_bucket_in_row_order(tmp_path) -> None:
     assert meta["bucket"] == "16x28x8" and meta["resolution"] == [16, 28] and meta["num_frames"] == 8
     assert json.loads(json.dumps(meta))["src_size"] == [56, 32]
     assert wide.samples[0].latents.shape == (8, 12, 8, 14) and np.isfinite(wide.samples[0].latents).all()
+
+
+# --------------------------------------------------------------------------- validate, inspect, eval
+
+
+def test_validate_inspect_and_eval_read_a_bucketed_set_by_each_shards_shape(tmp_path, capsys) -> None:
+    import shutil
+
+    from data_tools.check import validate_dataset
+    from data_tools.cli import main as data_tools_main
+    from data_tools.synth import write_synthetic_buckets
+    from trip.eval.shardset import first_samples
+
+    prefix = str(tmp_path / "set")
+    index = write_synthetic_buckets(prefix, {"8x14x4": ((4, 12, 4, 7), [3, 2]), "10x10x2": ((2, 12, 5, 5), [1])})
+    assert validate_dataset(prefix)[1] == []
+    assert [s.latents.shape for s in first_samples(prefix, index)] == [(2, 12, 5, 5)] + [(4, 12, 4, 7)] * 5
+    assert data_tools_main(["validate", prefix]) == 0
+    assert "2 buckets" in capsys.readouterr().out
+    assert data_tools_main(["inspect", prefix, "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bucket 8x14x4: None" not in out and "latents [4, 12, 4, 7], 5 samples in 2 shards" in out
+    # a tar in a bucket folder that index.json does not list is a problem
+    shutil.copy(os.path.join(prefix, "8x14x4/shard-000000.tar"), os.path.join(prefix, "8x14x4/shard-000009.tar"))
+    assert validate_dataset(prefix)[1] == ["8x14x4/shard-000009.tar: in " + prefix + " but not listed in index.json"]
