@@ -203,3 +203,19 @@ def test_validate_inspect_and_eval_read_a_bucketed_set_by_each_shards_shape(tmp_
     # a tar in a bucket folder that index.json does not list is a problem
     shutil.copy(os.path.join(prefix, "8x14x4/shard-000000.tar"), os.path.join(prefix, "8x14x4/shard-000009.tar"))
     assert validate_dataset(prefix)[1] == ["8x14x4/shard-000009.tar: in " + prefix + " but not listed in index.json"]
+
+
+def test_the_run_config_schema_takes_both_bucket_forms_and_names_a_bad_one() -> None:
+    import jsonschema
+
+    from trip.config_schema import run_config_schema
+
+    validator = jsonschema.Draft7Validator(run_config_schema())
+    for good in ([[64, 112, 8]], {"aspects": ["16:9"], "pixels": 4096, "frames": [8]}, None):
+        assert not list(validator.iter_errors({"preprocess": {"buckets": good}})), good
+        config_from_dict({"preprocess": {"buckets": good}})
+    for bad in ([[64, 112]], {"aspect": ["16:9"]}, "wide"):
+        errors = list(validator.iter_errors({"preprocess": {"buckets": bad}}))
+        assert errors and list(errors[0].absolute_path)[:2] == ["preprocess", "buckets"], bad
+        with pytest.raises(ConfigError, match="preprocess.buckets"):
+            config_from_dict({"preprocess": {"buckets": bad}})
