@@ -20,6 +20,13 @@ the output; it returns only the shard's record. Where the clips are encoded:
 - on a CPU-only cluster (`encode_on: auto`), in the shard task itself, with the codec
   loaded once per worker process: no frames cross processes at all.
 
+Buckets (`preprocess.buckets`, see `data_tools.buckets`): each clip is decoded straight into
+the bucket (height x width x frames) its frames choose, batches are encoded one bucket at a time
+(a batch is one array), and a shard task writes one tar per bucket its rows went to,
+`<bucket>/shard-NNNNNN.tar`, numbered by its shard like an unbucketed shard; index.json lists
+the buckets with their latent shapes and counts. A clip that fits no bucket is an errors-manifest
+line (stage bucket). The resolved bucket list is part of the job's identity.
+
 Videos at http(s) URLs (WebVid's own `contentUrl`, or an http `video_root`) are downloaded by
 `data_tools.fetch` under the `fetch_*` settings: connect/read/overall timeouts, retries with
 backoff on 5xx, 429, resets and timeouts, a size cap, and at most `fetch_max_per_host`
@@ -585,6 +592,9 @@ def cli(args: argparse.Namespace) -> int:
           f"{cfg.preprocess.output} ({result.shards_skipped} of {result.shards} shards were already "
           f"done; this run: {result.ok} ok, {result.skipped} skipped, {result.errors} errors; "
           f"{result.rejected_rows} CSV rows rejected; {result.seconds:.1f} s)")
+    if result.bucket_samples:
+        print("preprocess: samples per bucket (HxWxF): "
+              + ", ".join(f"{name} {n}" for name, n in result.bucket_samples.items()))
     if idx["num_errors"]:
         print(f"preprocess: {idx['num_errors']} videos or CSV rows not usable, see "
               f"{cfg.preprocess.output.rstrip('/')}/{idx['errors_manifest']}")

@@ -89,6 +89,9 @@ def test_every_clip_lands_in_its_bucket_uncropped_beyond_its_aspect(ray_local, c
 
     index, problems = validate_dataset(out)
     assert problems == []
+    from data_tools.cli import main as data_tools_main
+
+    assert data_tools_main(["validate", out]) == 0
     counts = {b: sum(1 for x in fits.values() if x == b) for b in set(fits.values())}
     buckets = {b.name: b for b in dataset_buckets(index)}
     assert list(buckets) == ["16x28x4", "16x28x8", "20x20x4", "20x20x8", "28x16x4", "28x16x8"]
