@@ -241,6 +241,8 @@ def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = Non
     pre = job.pre
     spec = sampling_spec(pre)
     buckets = config_buckets(pre)
+    if buckets and not job.latent_shapes:
+        raise ValueError("a bucketed job (preprocess.buckets) needs ShardJob.latent_shapes, one per bucket")
     frames_of = {b.name: b.frames for b in buckets or []}
     other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
     rows = read_range(pre.csv, job.columns, rng, video_root=pre.video_root, path_template=pre.path_template)

@@ -327,16 +327,17 @@ class PreprocessConfig:
         if not 0.0 <= self.bucket_max_crop < 1.0:
             raise ValueError(f"preprocess.bucket_max_crop must lie in [0, 1), got {self.bucket_max_crop}")
         if isinstance(self.buckets, (list, tuple)):
-            self.buckets = tuple(tuple(b) for b in self.buckets)  # type: ignore[misc]
+            self.buckets = tuple(tuple(b) if isinstance(b, (list, tuple)) else b  # type: ignore[misc]
+                                 for b in self.buckets)
         shapes = self.bucket_shapes()
         if shapes is not None:
             if not shapes:
                 raise ValueError("preprocess.buckets must list at least one [height, width, frames] bucket "
                                  "(or be null for one shape)")
             for i, b in enumerate(shapes):
-                if len(b) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in b):
+                if not isinstance(b, tuple) or len(b) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in b):
                     raise ValueError(f"preprocess.buckets[{i}] must be [height, width, frames] of integers >= 1, "
-                                     f"got {list(b)}")
+                                     f"got {list(b) if isinstance(b, tuple) else b!r}")
             seen: dict[tuple[int, int, int], int] = {}
             for i, b in enumerate(shapes):
                 if b in seen:
@@ -350,7 +351,7 @@ class PreprocessConfig:
             return None
         if isinstance(self.buckets, BucketGrid):
             return self.buckets.shapes()
-        return [tuple(b) for b in self.buckets]  # type: ignore[misc]
+        return list(self.buckets)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- training

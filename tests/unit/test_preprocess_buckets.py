@@ -219,3 +219,17 @@ def test_the_run_config_schema_takes_both_bucket_forms_and_names_a_bad_one() -> 
         assert errors and list(errors[0].absolute_path)[:2] == ["preprocess", "buckets"], bad
         with pytest.raises(ConfigError, match="preprocess.buckets"):
             config_from_dict({"preprocess": {"buckets": bad}})
+
+
+def test_a_rotated_phone_video_goes_to_the_portrait_bucket_upright(tmp_path) -> None:
+    from data_tools.decode import SamplingSpec, decode_bucketed
+    from tests.unit.test_preprocess_decode import _rotated_video
+
+    # stored 64 x 32 landscape, displayed 32 wide x 64 tall: the portrait bucket, whole
+    path = _rotated_video(str(tmp_path / "rot.mp4"), "mpeg4")
+    clip = decode_bucketed(path, SamplingSpec(fps=8.0), [BucketShape(16, 32, 2), BucketShape(32, 16, 2)],
+                           max_crop=0.25)
+    assert clip.meta["bucket"] == "32x16x2" and clip.meta["rotation"] == 90
+    assert clip.meta["src_size"] == [64, 32] and clip.meta["resized_size"] == [32, 16] and clip.meta["crop"] == 0
+    f = clip.frames[0].mean(axis=2)
+    assert clip.frames.shape == (2, 32, 16, 3) and f[:, :2].mean() > 200 and f[:, -4:].mean() < 30
