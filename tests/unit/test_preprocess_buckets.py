@@ -233,3 +233,29 @@ def test_a_rotated_phone_video_goes_to_the_portrait_bucket_upright(tmp_path) -> 
     assert clip.meta["src_size"] == [64, 32] and clip.meta["resized_size"] == [32, 16] and clip.meta["crop"] == 0
     f = clip.frames[0].mean(axis=2)
     assert clip.frames.shape == (2, 32, 16, 3) and f[:, :2].mean() > 200 and f[:, -4:].mean() < 30
+
+
+def test_synth_draws_landscape_portrait_and_square_clips_of_several_lengths(tmp_path) -> None:
+    import av
+
+    from data_tools.synth import make_dataset
+    from data_tools.webvid import read_rows
+
+    m = ShapeMotion("square", "blue", "right", 0.5)
+    wide = draw_motion(m, (16, 40), 3)
+    assert wide.shape == (3, 16, 40, 3)
+    assert np.array_equal(draw_motion(m, (24, 24), 3), draw_motion(m, 24, 3))  # a pair of equal sides is the int
+    csv = make_dataset(str(tmp_path), num=3, fps=8, holdout=1, size=(16, 24),
+                       variants=[((16, 32), 1.0), ((32, 16), 2.0), (16, 0.5)])
+    rows = read_rows(csv).rows
+    got = []
+    for r in rows:
+        with av.open(r.url) as c:
+            s = c.streams.video[0]
+            got.append((s.height, s.width, sum(1 for _ in c.decode(s))))
+    assert got == [(16, 32, 8), (32, 16, 16), (16, 16, 4)]
+    assert [r.duration for r in rows] == [1.0, 2.0, 0.0]  # the CSV's ISO durations, whole seconds
+    with av.open(str(tmp_path / "holdout" / "000.mp4")) as c:
+        assert (c.streams.video[0].height, c.streams.video[0].width) == (16, 24)
+    with pytest.raises(ValueError, match="even"):
+        make_dataset(str(tmp_path / "odd"), num=1, holdout=0, variants=[((15, 32), 1.0)])
