@@ -466,16 +466,17 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
 def _bucket_specs(codec: CodecConfig, buckets: list[BucketShape]) -> list[dict[str, Any]]:
     """index.json's description of each bucket: {name, height, width, frames, latent_shape}.
     A size the codec cannot encode is an error naming the bucket."""
-    from data_tools.encode import latent_shape
+    from data_tools.encode import codec_identity, latent_shape
 
+    down = int(codec_identity(codec)["downscale"])
     specs = []
     for b in buckets:
-        try:
-            shape = latent_shape(codec, b.frames, (b.height, b.width))
-        except ValueError as e:
-            raise ConfigError(f"preprocess.buckets: bucket {b.name} (HxWxF): {e}") from None
+        if b.height % down or b.width % down:
+            raise ConfigError(f"preprocess.buckets: bucket {b.name} (HxWxF): {b.height}x{b.width} pixels are not "
+                              f"divisible by the codec's downscale {down} (with a grid, set multiple_of to a "
+                              f"multiple of {down})")
         specs.append({"name": b.name, "height": b.height, "width": b.width, "frames": b.frames,
-                      "latent_shape": shape})
+                      "latent_shape": latent_shape(codec, b.frames, (b.height, b.width))})
     return specs
 
 
