@@ -13,13 +13,21 @@ index.json has a text_shape.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from trip import storage
-from trip.data.shards import INDEX_NAME, Sample, read_index, read_shard
+from trip.data.shards import (
+    INDEX_NAME,
+    Sample,
+    dataset_buckets,
+    read_index,
+    read_shard,
+    shard_latent_shapes,
+)
 
 
 @dataclass
@@ -32,16 +40,19 @@ class ShardCheck:
     problems: list[str] = field(default_factory=list)  # about the shard as a whole
 
 
-def check_shard(prefix: str, entry: dict[str, Any], index: dict[str, Any], seen: set[str]) -> ShardCheck:
+def check_shard(prefix: str, entry: dict[str, Any], index: dict[str, Any], seen: set[str],
+                latent_shape: Sequence[int] | None = None) -> ShardCheck:
     """Read one shard of index.json's `entry` and judge every sample as the loader does;
-    `seen` collects keys across shards to find duplicates."""
+    `seen` collects keys across shards to find duplicates. `latent_shape`: the shard's own
+    (its bucket's, `shard_latent_shapes`); default the index's top-level one."""
     name = entry["name"]
     url = storage.join(prefix, name)
     check = ShardCheck(name)
     try:
         fs, path = storage.filesystem(url)
         size = fs.size(path)
-        contents = read_shard(url, latent_shape=index["latent_shape"], text_shape=index.get("text_shape"))
+        contents = read_shard(url, latent_shape=latent_shape or index["latent_shape"],
+                              text_shape=index.get("text_shape"))
     except FileNotFoundError:
         check.problems.append(f"{name}: listed in {INDEX_NAME} but missing")
         return check
@@ -72,13 +83,21 @@ def _bad_lines(check: ShardCheck) -> list[str]:
 
 
 def validate_dataset(prefix: str) -> tuple[dict[str, Any], list[str]]:
-    """(index, problems) for the dataset at `prefix`; no problems means it is sound."""
+    """(index, problems) for the dataset at `prefix`; no problems means it is sound. A
+    bucketed dataset's shards are each judged against their bucket's latent shape, and
+    its bucket folders are listed too."""
     index = read_index(prefix)
     problems: list[str] = []
+    try:
+        shapes: list[tuple[int, ...] | None] = list(shard_latent_shapes(index))
+        folders = [b.name for b in dataset_buckets(index)] if index.get("buckets") else []
+    except ValueError as e:  # the bucket list and the shard list disagree
+        problems.append(str(e))
+        shapes, folders = [None] * len(index["shards"]), []
     seen: set[str] = set()
     total = 0
-    for entry in index["shards"]:
-        check = check_shard(prefix, entry, index, seen)
+    for entry, shape in zip(index["shards"], shapes, strict=True):
+        check = check_shard(prefix, entry, index, seen, shape)
         total += check.samples
         problems += check.problems + _bad_lines(check)
     if total != index["num_samples"]:
@@ -86,11 +105,26 @@ def validate_dataset(prefix: str) -> tuple[dict[str, Any], list[str]]:
     fs, root = storage.filesystem(prefix)
     fs.invalidate_cache(root)
     listed = {e["name"] for e in index["shards"]}
-    for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(".tar") and name not in listed:
-            problems.append(f"{name}: in {prefix} but not listed in {INDEX_NAME}")
+    for folder in ["", *folders]:
+        try:
+            paths = fs.ls(f"{root.rstrip('/')}/{folder}" if folder else root, detail=False)
+        except FileNotFoundError:  # a bucket no clip went to has no folder
+            continue
+        for path in paths:
+            name = "/".join(filter(None, [folder, path.rstrip("/").rsplit("/", 1)[-1]]))
+            if name.endswith(".tar") and name not in listed:
+                problems.append(f"{name}: in {prefix} but not listed in {INDEX_NAME}")
     return index, problems
+
+
+def bucket_lines(index: dict[str, Any]) -> list[str]:
+    """One line per bucket of a bucketed dataset (name, pixel size, frames, latent shape,
+    samples, shards); none for a dataset of one shape."""
+    if not index.get("buckets"):
+        return []
+    return [f"bucket {b.name}: " + (f"{b.height}x{b.width} px, {b.frames} frames, " if b.height else "")
+            + f"latents {list(b.latent_shape)}, {b.samples} samples in {len(b.shards)} shards"
+            for b in dataset_buckets(index)]
 
 
 def shard_url(prefix: str, index: dict[str, Any], shard: str | int | None) -> str:

@@ -25,13 +25,21 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_tools.check import build_codec_from_index, describe_sample, sample_to_gif, shard_url
+    from data_tools.check import (
+        bucket_lines,
+        build_codec_from_index,
+        describe_sample,
+        sample_to_gif,
+        shard_url,
+    )
     from trip.data.shards import read_index, read_shard
 
     index = read_index(args.prefix)
     print(f"{args.prefix}: {index['num_samples']} samples in {len(index['shards'])} shards; "
           f"latents {index['latent_shape']} {index['latent_dtype']}, text {index.get('text_shape')}, "
           f"codec {index.get('codec', {}).get('kind')}, scaling factor {index.get('scaling_factor')}")
+    for line in bucket_lines(index):
+        print("  " + line)
     url = shard_url(args.prefix, index, args.shard)
     contents = read_shard(url)
     samples = contents.samples
@@ -60,7 +68,8 @@ def _validate(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"problem: {p}")
     verdict = "OK" if not problems else f"{len(problems)} problem(s)"
-    print(f"{args.prefix}: {len(index['shards'])} shards, {index['num_samples']} samples: {verdict}")
+    buckets = f" in {len(index['buckets'])} buckets" if index.get("buckets") else ""
+    print(f"{args.prefix}: {len(index['shards'])} shards{buckets}, {index['num_samples']} samples: {verdict}")
     return 1 if problems else 0
 
 

@@ -18,6 +18,9 @@ kept, to the smallest size that covers `resolution` (an int S: the short side be
 pair (H, W): the frame covers H x W), rotated upright by the stream's display matrix, and
 centre-cropped to S x S or H x W: only the side in excess of the target's aspect is cut.
 
+Buckets (`decode_bucketed`): a multi-shape job decodes each clip at the size and length of
+the bucket its frames choose (`data_tools.buckets`), with the same cover resize and crop.
+
 Output: uint8 numpy [F, H, W, 3] (RGB), chosen over float tensors because clips cross
 process boundaries in Ray and uint8 is 4x smaller; `to_tensor` gives the float
 [F, 3, H, W] in [0, 1] that the codecs take.
@@ -28,12 +31,13 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
+from data_tools.buckets import BucketShape, assign_bucket, sampling_words
 from data_tools.fetch import Fetcher, FetchError, is_http, redact_url
 from trip import storage
 from trip.config import size_hw
@@ -43,7 +47,8 @@ if TYPE_CHECKING:
 
 
 class SkipVideo(Exception):
-    """A video that cannot become a clip; `stage` is fetch or decode, `reason` says why."""
+    """A video that cannot become a clip; `stage` is fetch, decode or bucket (it fits none of
+    the job's buckets), `reason` says why."""
 
     def __init__(self, stage: str, reason: str) -> None:
         super().__init__(f"{stage}: {reason}")
@@ -220,6 +225,76 @@ def _decode_open(container: av.container.InputContainer, url: str, spec: Samplin
     meta = {"src_fps": round(src_fps, 4), "src_size": list(size), "rotation": rotation,
             "frame_times": times}
     return Clip(frames=np.stack(chosen), meta=meta)
+
+
+def _decode_bucketed_open(container: av.container.InputContainer, url: str, spec: SamplingSpec,
+                          buckets: Sequence[BucketShape], max_crop: float) -> Clip:
+    """Decode then assign: select up to the longest bucket's frames, keeping the decoded
+    frames (not yet converted), pick the bucket from what they show, convert its frames."""
+    if not container.streams.video:
+        raise SkipVideo("decode", f"no video stream in {url}")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = spec.threads
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    src_fps = float(rate) if rate else 25.0
+    if spec.start_offset > 1.0 and stream.time_base:
+        container.seek(int(spec.start_offset / stream.time_base), stream=stream, backward=True)
+    longest = max(b.frames for b in buckets)
+    picked = list(_select(container.decode(stream), replace(spec, num_frames=longest), src_fps))
+    if not picked:
+        how = sampling_words(spec.fps, spec.frame_stride, spec.start_offset)
+        raise SkipVideo("decode", f"no frames {how} in {url}")
+    first = picked[0][0]
+    rotation = int(first.rotation or 0)
+    width, height = first.width, first.height
+    if round(rotation / 90) % 2:  # displayed upright: a quarter turn swaps the sides
+        width, height = height, width
+    how = sampling_words(spec.fps, spec.frame_stride, spec.start_offset)
+    chosen = assign_bucket(width, height, len(picked), buckets, max_crop=max_crop, sampling=how)
+    if chosen.bucket is None:
+        raise SkipVideo("bucket", f"{chosen.reason}: {url}")
+    b = chosen.bucket
+    out = replace(spec, num_frames=b.frames, resolution=(b.height, b.width))
+    frames = np.stack([_to_array(frame, out) for frame, _ in picked[:b.frames]])
+    rw, rh = resized_size(width, height, (b.height, b.width))
+    meta = {"src_fps": round(src_fps, 4), "src_size": [first.width, first.height], "rotation": rotation,
+            "frame_times": [round(t, 4) for _, t in picked[:b.frames]], "bucket": b.name,
+            "num_frames": b.frames, "resolution": [b.height, b.width],
+            "resized_size": [rh, rw], "crop": round(chosen.crop, 4)}
+    return Clip(frames=frames, meta=meta)
+
+
+def decode_bucketed(url: str, spec: SamplingSpec, buckets: Sequence[BucketShape], *, max_crop: float,
+                    fallbacks: Sequence[str] = (), fetch: Fetch | None = None) -> Clip:
+    """Decode the video at `url` into the bucket it belongs to (`data_tools.buckets`).
+
+    Decode, then assign: the frames at `spec`'s sampling (its num_frames and resolution are
+    ignored) are selected up to the longest bucket's count, in one pass, and kept as decoded
+    frames; their displayed size (rotation applied) and how many there are choose the
+    bucket, and only its frames are resized (cover) and centre-cropped to its size. Container
+    metadata (duration, frame count) is not trusted: it is missing or wrong often enough in
+    web video, and the frames must be decoded anyway. At most the longest bucket's frame count
+    of source-size frames is held at once.
+
+    Returns a Clip whose meta adds `bucket` (its name), `num_frames`, `resolution` [H, W],
+    `resized_size` [h, w] (the displayed frame after the cover resize, before the crop) and
+    `crop` (the fraction of the picture cut). A clip that fits no bucket raises SkipVideo
+    with stage "bucket" and the reason; other failures are as in `decode_clip`.
+    """
+    if not buckets:
+        raise ValueError("decode_bucketed needs at least one bucket")
+    url, source = _open_source([url, *fallbacks], fetch)
+    url = redact_url(url)
+    try:
+        with av.open(source, mode="r") as container:
+            clip = _decode_bucketed_open(container, url, spec, buckets, max_crop)
+            clip.meta["source_url"] = url
+            return clip
+    except SkipVideo:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError, IndexError, ZeroDivisionError) as e:
+        raise SkipVideo("decode", f"not a decodable video ({type(e).__name__}: {e}): {url}") from e
 
 
 def decode_clip(url: str, spec: SamplingSpec, *, fallbacks: Sequence[str] = (),

@@ -1,7 +1,8 @@
 """Prometheus metrics of the preprocessing job (updated by the driver, one process).
 
 Bounded label sets only: `status` is one of ok | skipped | error, `kind` one of
-`data_tools.fetch.KINDS`, never a video id or a URL.
+`data_tools.fetch.KINDS`, `bucket` one of the job's configured buckets (HxWxF), never a
+video id or a URL.
 `start_exporter(port)` serves them on /metrics; port 0 means no exporter.
 """
 
@@ -27,6 +28,8 @@ FETCH_RETRIES = Counter("trip_preprocess_fetch_retries", "Retried downloads of h
                         "(5xx, 408, 429, connection resets, timeouts)")
 FETCH_FAILURES = Counter("trip_preprocess_fetch_failures", "http(s) videos given up on, by kind "
                          "(data_tools.fetch.KINDS)", ["kind"])
+BUCKET_SAMPLES = Counter("trip_preprocess_bucket_samples", "Samples written to each bucket of a multi-shape "
+                         "job (preprocess.buckets; one series per configured bucket)", ["bucket"])
 FETCH_BYTES = Counter("trip_preprocess_fetch_bytes", "Bytes of http(s) videos downloaded")
 
 for _status in STATUSES:  # expose every series from the start, at 0

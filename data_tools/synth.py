@@ -57,17 +57,27 @@ class ShapeMotion:
         return f"a {self.color} {self.shape} moving {self.direction}"
 
 
-def draw_motion(motion: ShapeMotion, size: int, num_frames: int) -> np.ndarray:
-    """Render the clip: uint8 [T, size, size, 3]; the shape travels 0.2 -> 0.8 of the frame."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    radius = 0.14 * size
+def frame_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a frame size: an int s is square (s, s), a pair is (height, width)."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def draw_motion(motion: ShapeMotion, size: int | Sequence[int], num_frames: int) -> np.ndarray:
+    """Render the clip: uint8 [T, H, W, 3] (`size` an int S: S x S; or (H, W), landscape or
+    portrait); the shape, sized by the short side, travels 0.2 -> 0.8 of the frame."""
+    height, width = frame_hw(size)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    radius = 0.14 * min(height, width)
     dx, dy = DIRECTIONS[motion.direction]
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
         along = 0.2 + 0.6 * t / max(num_frames - 1, 1)
         pos = along if (dx + dy) > 0 else 1.0 - along
         cx, cy = (pos, motion.cross) if dx else (motion.cross, pos)
-        cx, cy = cx * size, cy * size
+        cx, cy = cx * width, cy * height
         if motion.shape == "circle":
             mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
         else:
@@ -131,24 +141,33 @@ def _motions(num: int, seed: int, motion: str = "random") -> list[ShapeMotion]:
     return out[:num]
 
 
-def make_dataset(out: str, num: int = 48, seed: int = 0, size: int = 64, seconds: float = 4.0,
-                 fps: int = 8, holdout: int = 4, motion: str = "random") -> str:
-    """Write the dataset under `out`; returns the CSV path. Deterministic in its arguments."""
-    if size % 2:
-        raise ValueError(f"size must be even for yuv420p video, got {size}")
-    num_frames = max(2, round(seconds * fps))
+def make_dataset(out: str, num: int = 48, seed: int = 0, size: int | Sequence[int] = 64, seconds: float = 4.0,
+                 fps: int = 8, holdout: int = 4, motion: str = "random",
+                 variants: Sequence[tuple[int | Sequence[int], float]] | None = None) -> str:
+    """Write the dataset under `out`; returns the CSV path. Deterministic in its arguments.
+
+    `size`: an int S (S x S frames) or (height, width). `variants`: (size, seconds) pairs that
+    video i takes in turn (i mod len), for a corpus of landscape, portrait and square clips of
+    several lengths; the hold-out videos keep `size` and `seconds`."""
+    shapes = [(size, seconds)] if variants is None else [(v_size, float(v_seconds)) for v_size, v_seconds in variants]
+    if not shapes:
+        raise ValueError("variants must hold at least one (size, seconds) pair")
+    for v_size, _ in [*shapes, (size, seconds)]:
+        if any(side % 2 for side in frame_hw(v_size)):
+            raise ValueError(f"size must be even for yuv420p video, got {v_size}")
     motions = _motions(num + holdout, seed, motion)
     rows = []
     for i, motion in enumerate(motions[:num]):
+        v_size, v_seconds = shapes[i % len(shapes)]
         videoid, page_dir = str(1_000_000 + i), f"{i // 100:06d}_synth"
         path = os.path.join(out, "videos", page_dir, f"{videoid}.mp4")
-        write_video(draw_motion(motion, size, num_frames), path, fps=fps)
+        write_video(draw_motion(motion, v_size, max(2, round(v_seconds * fps))), path, fps=fps)
         rows.append({"videoid": videoid, "contentUrl": os.path.abspath(path),
-                     "duration": iso_duration(seconds), "page_dir": page_dir, "name": motion.caption,
+                     "duration": iso_duration(v_seconds), "page_dir": page_dir, "name": motion.caption,
                      "shape": motion.shape, "color": motion.color, "direction": motion.direction})
     csv_path = os.path.join(out, "results.csv")
     write_csv(csv_path, rows)
-    _write_holdout(os.path.join(out, "holdout"), motions[num:], size, num_frames, fps)
+    _write_holdout(os.path.join(out, "holdout"), motions[num:], size, max(2, round(seconds * fps)), fps)
     return csv_path
 
 
@@ -164,7 +183,8 @@ def write_csv(path: str, rows: list[dict[str, str]], columns: list[str] | None =
     return path
 
 
-def _write_holdout(folder: str, motions: list[ShapeMotion], size: int, num_frames: int, fps: int) -> None:
+def _write_holdout(folder: str, motions: list[ShapeMotion], size: int | Sequence[int], num_frames: int,
+                   fps: int) -> None:
     """First frames of videos not in the CSV, for sampling: <i>.png + captions.csv, and each
     whole video as <i>.mp4, the reference a sample from that frame is scored against."""
     if not motions:

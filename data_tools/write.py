@@ -19,6 +19,10 @@ settings, codec, CSV or plan) are refused with an error instead of being mixed i
 job finishes, the segments are compacted into `_progress/records.jsonl`, so a resumed job
 leaves exactly the files a clean one does.
 
+Buckets: in a multi-shape job (`preprocess.buckets`) a shard's rows go to one tar per
+bucket they were decoded for, `<bucket>/shard-NNNNNN.tar`, all numbered by the shard, and
+the record lists them all; the rest (plan, row order, resume) is the same.
+
 Finally `errors.jsonl` (videoid, url, stage, reason, status; first the CSV rows the reader
 rejected, stage "csv" with their line, then each shard's videos) and `index.json` are
 written, index last, each atomically. The CSV is planned again on every run, so a rerun
@@ -63,6 +67,7 @@ class Outcome:
     latents: np.ndarray | None = None  # float16 [F, C, h, w]
     text: np.ndarray | None = None  # float16 [L, D]
     meta: dict[str, Any] | None = None
+    bucket: str | None = None  # the bucket the clip was decoded for (bucketed jobs)
 
 
 def sample_key(ordinal: int) -> str:
@@ -105,49 +110,84 @@ def check_sample(o: Outcome, latent_shape: list[int], text_shape: list[int] | No
 
 
 class ShardSamples:
-    """The tar of one shard, filled in row order as outcomes arrive, then committed.
+    """The tars of one shard, filled in row order as outcomes arrive, then committed.
 
     `add(outcome)` for every row of the shard in order (ok ones become samples, the others
     error lines); `commit()` makes the tar visible (none when no row produced a sample) and
-    returns the shard's record; `abort()` drops the partial tar."""
+    returns the shard's record; `abort()` drops the partial tar.
+
+    Bucketed (`latent_shapes` {bucket: [F, C, h, w]}): every ok outcome names its bucket, and
+    each bucket that got samples gets its own tar `<bucket>/shard-NNNNNN.tar` (NNNNNN: this
+    shard's number, so names depend on the plan alone); rows arrive in order within each
+    bucket, error lines are kept in row order; the record lists each tar's ShardInfo in
+    `infos`, in bucket order."""
 
     def __init__(self, output: str, shard: int, identity: dict[str, str], latent_shape: list[int],
-                 text_shape: list[int] | None) -> None:
+                 text_shape: list[int] | None, latent_shapes: dict[str, list[int]] | None = None) -> None:
         self.output, self.shard, self.identity = output, shard, identity
         self.latent_shape, self.text_shape = latent_shape, text_shape
-        self._writer: ShardWriter | None = None
-        self.errors: list[dict[str, Any]] = []
-        self.last = -1
+        self.latent_shapes = latent_shapes
+        self._writers: dict[str | None, ShardWriter] = {}
+        self._last: dict[str | None, int] = {}
+        self._errors: list[tuple[int, dict[str, Any]]] = []
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for _, e in sorted(self._errors, key=lambda x: x[0])]
 
     def add(self, o: Outcome) -> None:
-        if o.ordinal <= self.last:
-            raise ValueError(f"shard {self.shard}: row {o.ordinal} arrived after row {self.last}")
-        self.last = o.ordinal
+        bucket = o.bucket if self.latent_shapes is not None and o.status == "ok" else None
+        last = max(self._last.values(), default=-1) if self.latent_shapes is None else self._last.get(bucket, -1)
+        if o.ordinal <= last:
+            raise ValueError(f"shard {self.shard}: row {o.ordinal} arrived after row {last}")
+        self._last[bucket] = o.ordinal
         if o.status != "ok":
-            self.errors += sample_errors([o])
+            self._errors += [(o.ordinal, e) for e in sample_errors([o])]
             return
-        check_sample(o, self.latent_shape, self.text_shape)
-        if self._writer is None:
-            self._writer = ShardWriter(self.output, self.shard)
+        if self.latent_shapes is None:
+            shape = self.latent_shape
+        elif bucket in self.latent_shapes:
+            shape = self.latent_shapes[bucket]
+        else:
+            raise ValueError(f"video {o.row.videoid}: bucket {bucket!r} is not one of {list(self.latent_shapes)}")
+        check_sample(o, shape, self.text_shape)
+        if bucket not in self._writers:
+            self._writers[bucket] = ShardWriter(self.output, self.shard, bucket=bucket)
         assert o.latents is not None
-        self._writer.add(sample_key(o.ordinal), o.latents, o.meta or {}, o.row.caption, o.text)
+        self._writers[bucket].add(sample_key(o.ordinal), o.latents, o.meta or {}, o.row.caption, o.text)
 
     def commit(self) -> dict[str, Any]:
-        info = self._writer.commit() if self._writer is not None else None
-        self._writer = None
-        return {**self.identity, "index": self.shard, "shard": shard_name(self.shard),
-                "info": asdict(info) if info else None, "errors": self.errors}
+        if self.latent_shapes is None:
+            writer = self._writers.pop(None, None)
+            info = writer.commit() if writer is not None else None
+            return {**self.identity, "index": self.shard, "shard": shard_name(self.shard),
+                    "info": asdict(info) if info else None, "errors": self.errors}
+        infos = []
+        for bucket in self.latent_shapes:  # config order: the record's bytes depend on the plan only
+            writer = self._writers.pop(bucket, None)
+            if writer is not None:
+                infos.append(asdict(writer.commit()))
+        return {**self.identity, "index": self.shard, "shard": shard_name(self.shard, "*"),
+                "info": None, "infos": infos, "errors": self.errors}
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers = {}
+
+
+def record_infos(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ShardInfo dicts of a shard's record: one per committed tar (none, one, or per bucket)."""
+    if "infos" in record:
+        return list(record["infos"])
+    return [record["info"]] if record.get("info") else []
 
 
 def write_shard_samples(output: str, shard: int, outcomes: Sequence[Outcome], identity: dict[str, str],
-                        latent_shape: list[int], text_shape: list[int] | None) -> dict[str, Any]:
+                        latent_shape: list[int], text_shape: list[int] | None,
+                        latent_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Write and commit one shard from all its outcomes (any order); returns its record."""
-    samples = ShardSamples(output, shard, identity, latent_shape, text_shape)
+    samples = ShardSamples(output, shard, identity, latent_shape, text_shape, latent_shapes)
     try:
         for o in sorted(outcomes, key=lambda o: o.ordinal):
             samples.add(o)
@@ -239,9 +279,11 @@ class Manifest:
 def finish(output: str, records: dict[int, str], num_shards: int, *, latent_shape: list[int],
            text_shape: list[int] | None, codec: dict[str, Any], text_encoder: dict[str, Any] | None,
            extra: dict[str, Any], num_rows: int, rejected: Sequence[RejectedRow] = (),
-           csv_url: str = "") -> dict[str, Any]:
+           csv_url: str = "", buckets: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write errors.jsonl (the `rejected` CSV rows of `csv_url`, then every shard's errors)
-    and then index.json, from every shard's record (JSON lines, by shard)."""
+    and then index.json, from every shard's record (JSON lines, by shard). `buckets`: a
+    bucketed job's [{name, height, width, frames, latent_shape}], every one listed in
+    index.json (with its sample and shard counts, 0 for a bucket no clip went to)."""
     missing = [i for i in range(num_shards) if i not in records]
     if missing:
         raise ValueError(f"cannot finish {output}: shards {missing[:5]} are not committed")
@@ -251,11 +293,10 @@ def finish(output: str, records: dict[int, str], num_shards: int, *, latent_shap
     for i in range(num_shards):
         record = json.loads(records[i])
         lines += [json.dumps(e, sort_keys=True) for e in record["errors"]]
-        if record["info"]:
-            infos.append(ShardInfo(**record["info"]))
+        infos += [ShardInfo(**info) for info in record_infos(record)]
     storage.write_bytes_atomic(storage.join(output, ERRORS_NAME), "".join(e + "\n" for e in lines).encode())
     index = build_index(infos, latent_shape=latent_shape, text_shape=text_shape, codec=codec,
-                        text_encoder=text_encoder,
+                        text_encoder=text_encoder, buckets=buckets,
                         extra={**extra, "num_rows": num_rows, "num_errors": len(lines),
                                "num_rejected_rows": len(rejected), "errors_manifest": ERRORS_NAME})
     write_index(output, index)

@@ -20,6 +20,13 @@ the output; it returns only the shard's record. Where the clips are encoded:
 - on a CPU-only cluster (`encode_on: auto`), in the shard task itself, with the codec
   loaded once per worker process: no frames cross processes at all.
 
+Buckets (`preprocess.buckets`, see `data_tools.buckets`): each clip is decoded straight into
+the bucket (height x width x frames) its frames choose, batches are encoded one bucket at a time
+(a batch is one array), and a shard task writes one tar per bucket its rows went to,
+`<bucket>/shard-NNNNNN.tar`, numbered by its shard like an unbucketed shard; index.json lists
+the buckets with their latent shapes and counts. A clip that fits no bucket is an errors-manifest
+line (stage bucket). The resolved bucket list is part of the job's identity.
+
 Videos at http(s) URLs (WebVid's own `contentUrl`, or an http `video_root`) are downloaded by
 `data_tools.fetch` under the `fetch_*` settings: connect/read/overall timeouts, retries with
 backoff on 5xx, 429, resets and timeouts, a size cap, and at most `fetch_max_per_host`
@@ -53,7 +60,8 @@ from typing import Any
 import numpy as np
 
 from data_tools import metrics
-from data_tools.decode import SamplingSpec, SkipVideo, decode_clip
+from data_tools.buckets import BucketShape, config_buckets
+from data_tools.decode import SamplingSpec, SkipVideo, decode_bucketed, decode_clip
 from data_tools.fetch import (
     Fetcher,
     FetchPolicy,
@@ -81,6 +89,7 @@ from data_tools.write import (
     ShardSamples,
     estimate_sample_bytes,
     finish,
+    record_infos,
     rows_per_shard,
 )
 from trip.config import CodecConfig, ConfigError, PreprocessConfig, load_config
@@ -112,6 +121,7 @@ class JobResult:
     rejected_rows: int  # CSV rows not used (repeated or empty videoid, bad fields), in the errors manifest
     seconds: float
     index: dict[str, Any]
+    bucket_samples: dict[str, int] = field(default_factory=dict)  # samples in each bucket (the whole dataset); {} unbucketed
 
 
 # --------------------------------------------------------------------------- stages
@@ -124,16 +134,22 @@ def sampling_spec(pre: PreprocessConfig) -> SamplingSpec:
 
 
 def decode_row(row: VideoRow, spec: SamplingSpec, other_exts: bool = False,
-               fetch: Fetcher | None = None) -> tuple[np.ndarray | None, Outcome]:
+               fetch: Fetcher | None = None, buckets: list[BucketShape] | None = None,
+               max_crop: float = 0.0) -> tuple[np.ndarray | None, Outcome]:
     """One row -> (its clip, uint8 [F, R, R, 3], or None; its outcome so far: ok with the
     decode meta, or skipped/error with the stage and reason). `other_exts`: when the row's
     file is missing, try it with the other video extensions. `fetch`: how http(s) videos are
     downloaded (None: the default policy). The outcome's row carries the redacted URL: it is
-    what the errors manifest shows."""
+    what the errors manifest shows. `buckets`: decode into the clip's bucket (the outcome's
+    `bucket`; a clip fitting none is skipped at stage "bucket"), cropping at most `max_crop`."""
     o = Outcome(ordinal=-1, row=replace(row, url=redact_url(row.url)), status="ok")
+    fallbacks = other_extensions(row.url) if other_exts else ()
     try:
-        clip = decode_clip(row.url, spec, fallbacks=other_extensions(row.url) if other_exts else (),
-                           fetch=fetch)
+        if buckets:
+            clip = decode_bucketed(row.url, spec, buckets, max_crop=max_crop, fallbacks=fallbacks, fetch=fetch)
+            o.bucket = clip.meta["bucket"]
+        else:
+            clip = decode_clip(row.url, spec, fallbacks=fallbacks, fetch=fetch)
     except SkipVideo as e:
         o.status, o.stage, o.reason = "skipped", e.stage, e.reason
         return None, o
@@ -193,10 +209,15 @@ class ShardJob:
     text_shape: list[int] | None
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # how http(s) videos are downloaded
     host_slots: HostSlots = field(default_factory=NoSlots)  # the cluster's per-host download cap
+    latent_shapes: dict[str, list[int]] | None = None  # bucketed: each bucket's latent shape, in config order
 
     @property
     def clips_per_batch(self) -> int:
-        return max(1, self.pre.encode_batch_size // self.pre.num_frames)
+        return self.batch_clips(self.pre.num_frames)
+
+    def batch_clips(self, frames: int) -> int:
+        """Clips of `frames` frames in one encode batch (encode_batch_size counts frames)."""
+        return max(1, self.pre.encode_batch_size // frames)
 
 
 def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) -> dict[str, Any]:
@@ -207,52 +228,72 @@ def _sample_meta(row: VideoRow, pre: PreprocessConfig, decoded: dict[str, Any]) 
 
 
 def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = None) -> dict[str, Any]:
-    """The shard task: rows -> decoded clips -> latents -> committed tar; returns
+    """The shard task: rows -> decoded clips -> latents -> committed tar(s); returns
     {"record": the shard's record, "stats": {node, pid, counts, encode [(seconds a clip, clips)],
-    fetch {tries, retries, bytes, failures {kind: n}}}} (node and pid: where the shard was written).
+    fetch {tries, retries, bytes, failures {kind: n}}, buckets {bucket: samples}}} (node and
+    pid: where the shard was written). Bucketed (`preprocess.buckets`): each clip is decoded
+    into its bucket, batches are encoded one bucket at a time, and each bucket that got samples
+    gets its own tar numbered by this shard.
 
     `encoders`: encoder actor handles (with their node ids) to send batches to, or None to
     encode here. A failure that is not one video's (the output unwritable, an encoder actor
     gone) fails the task with the shard named; the partial tar is removed."""
     pre = job.pre
     spec = sampling_spec(pre)
+    buckets = config_buckets(pre)
+    if buckets and not job.latent_shapes:
+        raise ValueError("a bucketed job (preprocess.buckets) needs ShardJob.latent_shapes, one per bucket")
+    frames_of = {b.name: b.frames for b in buckets or []}
     other_exts = bool(pre.video_root) and "{ext}" in pre.path_template
     rows = read_range(pre.csv, job.columns, rng, video_root=pre.video_root, path_template=pre.path_template)
-    samples = ShardSamples(pre.output, rng.shard, job.identity, job.latent_shape, job.text_shape)
+    samples = ShardSamples(pre.output, rng.shard, job.identity, job.latent_shape, job.text_shape,
+                           job.latent_shapes if buckets else None)
     counts = {"ok": 0, "skipped": 0, "error": 0}
+    by_bucket: dict[str, int] = {}
     fetcher = Fetcher(job.fetch, job.host_slots)
     encode_times: list[tuple[float, int]] = []
     submit = _encode_submitter(job, rng.shard, encoders)
     in_flight: deque[tuple[list[Outcome], Any]] = deque()  # batches sent, oldest first
     done: list[Outcome] = []  # outcomes in row order, waiting for earlier batches
+    waiting: set[int] = set()  # rows whose clip is in a batch not yet encoded (sent or still filling)
 
     def settle(block: bool) -> None:
         while in_flight and (block or len(in_flight) >= 2):
             outcomes, result = in_flight.popleft()
             _apply(outcomes, result, job, encode_times)
+            waiting.difference_update(o.ordinal for o in outcomes)
             flush_ready()
 
     def flush_ready() -> None:
-        # rows before the oldest batch still encoding are final: add them in order
-        first_pending = in_flight[0][0][0].ordinal if in_flight else None
-        while done and (first_pending is None or done[0].ordinal < first_pending):
+        # rows before the first one still waiting for its latents are final: add them in order
+        while done and done[0].ordinal not in waiting:
             o = done.pop(0)
             counts[o.status] += 1
+            if o.status == "ok" and o.bucket:
+                by_bucket[o.bucket] = by_bucket.get(o.bucket, 0) + 1
             samples.add(o)
 
+    def send(batch: list[tuple[Outcome, np.ndarray]]) -> None:
+        in_flight.append(([b[0] for b in batch], submit([b[1] for b in batch], [b[0].row.caption for b in batch])))
+        settle(block=False)
+
     try:
-        batch: list[tuple[Outcome, np.ndarray]] = []
+        # one filling batch per clip shape (a batch is one array); unbucketed: one, as before
+        filling: dict[str | None, list[tuple[Outcome, np.ndarray]]] = {}
         for k, row in enumerate(rows):
-            clip, o = decode_row(row, spec, other_exts, fetcher)
+            clip, o = decode_row(row, spec, other_exts, fetcher, buckets, pre.bucket_max_crop)
             o.ordinal = rng.first + k
             done.append(o)
             if clip is not None:
                 o.meta = _sample_meta(row, pre, o.meta or {})
+                waiting.add(o.ordinal)
+                batch = filling.setdefault(o.bucket, [])
                 batch.append((o, clip))
-            if len(batch) >= job.clips_per_batch or (k == len(rows) - 1 and batch):
-                in_flight.append(([b[0] for b in batch], submit([b[1] for b in batch], [b[0].row.caption for b in batch])))
-                batch = []
-                settle(block=False)
+                if len(batch) >= job.batch_clips(frames_of.get(o.bucket or "", pre.num_frames)):
+                    send(filling.pop(o.bucket))
+            flush_ready()
+        for key in list(filling):  # the last, partial batches, in the order their shapes first came
+            send(filling.pop(key))
         settle(block=True)
         flush_ready()
         record = samples.commit()
@@ -264,7 +305,7 @@ def write_shard(job: ShardJob, rng: ShardRange, encoders: list[Any] | None = Non
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {"record": record,
             "stats": {"node": node, "pid": os.getpid(), "counts": counts, "encode": encode_times,
-                      "fetch": fetcher.stats}}
+                      "fetch": fetcher.stats, "buckets": by_bucket}}
 
 
 def _encode_submitter(job: ShardJob, shard: int, encoders: list[Any] | None) -> Callable[..., Any]:
@@ -338,6 +379,10 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
 def _fingerprint(pre: PreprocessConfig, codec: dict[str, Any], text: dict[str, Any] | None,
                  per_shard: int) -> str:
     what = {k: v for k, v in asdict(pre).items() if k not in _SPEED_ONLY}
+    if pre.buckets is None:  # an unbucketed job keeps the fingerprint it had before buckets existed
+        del what["buckets"], what["bucket_max_crop"]
+    else:
+        what["bucket_shapes"] = pre.bucket_shapes()
     what.update(codec=codec, text_encoder=text, rows_per_shard=per_shard)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -379,10 +424,14 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
                     f"{plan.rejected[0].reason}); they are listed in the errors manifest")
     ident = codec_identity(codec)
     text_ident = text_encoder_identity(pre.text_encoder, pre.max_text_length)
-    lat_shape = latent_shape(codec, pre.num_frames, pre.resolution)
+    buckets = config_buckets(pre)
+    bucket_specs = _bucket_specs(codec, buckets) if buckets else None
+    lat_shape = bucket_specs[0]["latent_shape"] if bucket_specs else latent_shape(codec, pre.num_frames, pre.resolution)
     text_shape = [pre.max_text_length, text_ident["hidden_size"]] if text_ident else None
+    # shards are sized for the largest sample a row can become
+    largest = max((b["latent_shape"] for b in bucket_specs or []), key=lambda s: int(np.prod(s)), default=lat_shape)
     per_shard = rows_per_shard(pre.samples_per_shard, pre.max_shard_bytes,
-                               estimate_sample_bytes(lat_shape, text_shape))
+                               estimate_sample_bytes(largest, text_shape))
     identity = {"fingerprint": _fingerprint(pre, ident, text_ident, per_shard),
                 "plan": plan_identity(plan, per_shard)}
     num_shards = plan.num_shards(per_shard)
@@ -394,17 +443,41 @@ def run_preprocess(pre: PreprocessConfig, codec: CodecConfig, *, progress: bool 
         with ray_session():
             job = ShardJob(pre=pre, codec=codec, columns=plan.columns, identity=identity,
                            latent_shape=lat_shape, text_shape=text_shape, fetch=fetch_policy(pre),
-                           host_slots=_host_slots(pre))
+                           host_slots=_host_slots(pre),
+                           latent_shapes={b["name"]: b["latent_shape"] for b in bucket_specs} if bucket_specs else None)
             _run_pending(job, plan, per_shard, pending, manifest, counts, progress, on_shard_committed)
     extra = {"sampling": {"num_frames": pre.num_frames, "fps": pre.fps, "frame_stride": pre.frame_stride,
                           "start_offset": pre.start_offset, "resolution": pre.resolution}}
+    if buckets:
+        extra["sampling"].update(num_frames=None, resolution=None, bucket_max_crop=pre.bucket_max_crop)
     index = finish(pre.output, manifest.records, num_shards, latent_shape=lat_shape, text_shape=text_shape,
                    codec=ident, text_encoder=text_ident, extra=extra, num_rows=len(plan),
-                   rejected=plan.rejected, csv_url=pre.csv)
+                   rejected=plan.rejected, csv_url=pre.csv, buckets=bucket_specs)
     manifest.compact()
+    per_bucket = {b["name"]: b["samples"] for b in index.get("buckets", [])}
+    if per_bucket:
+        log.info("preprocess: samples per bucket: " + ", ".join(f"{k} {v}" for k, v in per_bucket.items()))
     return JobResult(shards=num_shards, shards_skipped=num_shards - len(pending),
                      ok=counts["ok"], skipped=counts["skipped"], errors=counts["error"],
-                     rejected_rows=len(plan.rejected), seconds=time.perf_counter() - t0, index=index)
+                     rejected_rows=len(plan.rejected), seconds=time.perf_counter() - t0, index=index,
+                     bucket_samples=per_bucket)
+
+
+def _bucket_specs(codec: CodecConfig, buckets: list[BucketShape]) -> list[dict[str, Any]]:
+    """index.json's description of each bucket: {name, height, width, frames, latent_shape}.
+    A size the codec cannot encode is an error naming the bucket."""
+    from data_tools.encode import codec_identity, latent_shape
+
+    down = int(codec_identity(codec)["downscale"])
+    specs = []
+    for b in buckets:
+        if b.height % down or b.width % down:
+            raise ConfigError(f"preprocess.buckets: bucket {b.name} (HxWxF): {b.height}x{b.width} pixels are not "
+                              f"divisible by the codec's downscale {down} (with a grid, set multiple_of to a "
+                              f"multiple of {down})")
+        specs.append({"name": b.name, "height": b.height, "width": b.width, "frames": b.frames,
+                      "latent_shape": latent_shape(codec, b.frames, (b.height, b.width))})
+    return specs
 
 
 def _host_slots(pre: PreprocessConfig) -> HostSlots:
@@ -490,8 +563,10 @@ def _count(stats: dict[str, Any], record: dict[str, Any], counts: dict[str, int]
         metrics.FETCH_FAILURES.labels(kind=kind).inc(n)
     if fetched.get("bytes"):
         metrics.FETCH_BYTES.inc(fetched["bytes"])
-    if record["info"]:
-        metrics.BYTES.inc(record["info"]["bytes"])
+    for info in record_infos(record):
+        metrics.BYTES.inc(info["bytes"])
+        if info.get("bucket"):
+            metrics.BUCKET_SAMPLES.labels(bucket=info["bucket"]).inc(info["samples"])
     metrics.SHARDS.inc()
 
 
@@ -520,6 +595,9 @@ def cli(args: argparse.Namespace) -> int:
           f"{cfg.preprocess.output} ({result.shards_skipped} of {result.shards} shards were already "
           f"done; this run: {result.ok} ok, {result.skipped} skipped, {result.errors} errors; "
           f"{result.rejected_rows} CSV rows rejected; {result.seconds:.1f} s)")
+    if result.bucket_samples:
+        print("preprocess: samples per bucket (HxWxF): "
+              + ", ".join(f"{name} {n}" for name, n in result.bucket_samples.items()))
     if idx["num_errors"]:
         print(f"preprocess: {idx['num_errors']} videos or CSV rows not usable, see "
               f"{cfg.preprocess.output.rstrip('/')}/{idx['errors_manifest']}")

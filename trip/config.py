@@ -225,6 +225,56 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class BucketGrid:
+    """preprocess.buckets as a grid: one bucket per (aspect, frames), each of about `pixels`
+    pixels with height and width multiples of `multiple_of`."""
+
+    aspects: tuple[str, ...] = ("16:9", "1:1", "9:16")  # "W:H" ratios (16:9 is landscape)
+    pixels: int = 65536  # target height x width of every bucket (256x256 = 65536)
+    frames: tuple[int, ...] = (16,)  # frame counts; every aspect gets one bucket per count
+    multiple_of: int = 16  # height and width are multiples of this (the codec's downscale x the model's)
+
+    def __post_init__(self) -> None:
+        where = "preprocess.buckets"
+        if not self.aspects:
+            raise ValueError(f"{where}.aspects must name at least one aspect ratio such as '16:9'")
+        for a in self.aspects:
+            parse_aspect(a, f"{where}.aspects")
+        if len(set(self.aspects)) != len(self.aspects):
+            raise ValueError(f"{where}.aspects lists an aspect twice: {list(self.aspects)}")
+        if self.pixels < 1:
+            raise ValueError(f"{where}.pixels must be >= 1, got {self.pixels}")
+        if not self.frames or min(self.frames) < 1:
+            raise ValueError(f"{where}.frames must be frame counts >= 1, got {list(self.frames)}")
+        if len(set(self.frames)) != len(self.frames):
+            raise ValueError(f"{where}.frames lists a count twice: {list(self.frames)}")
+        if self.multiple_of < 1:
+            raise ValueError(f"{where}.multiple_of must be >= 1, got {self.multiple_of}")
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(height, width, frames) of each bucket: aspects in order, then frame counts."""
+        m, out = self.multiple_of, []
+        for a in self.aspects:
+            ratio = parse_aspect(a, "preprocess.buckets.aspects")  # W / H
+            h = (self.pixels / ratio) ** 0.5
+            height, width = max(m, round(h / m) * m), max(m, round(h * ratio / m) * m)
+            out += [(height, width, f) for f in self.frames]
+        return out
+
+
+def parse_aspect(text: str, name: str) -> float:
+    """'16:9' (width:height) -> 16/9; a ValueError naming `name` for anything else."""
+    parts = text.split(":") if isinstance(text, str) else []
+    try:
+        w, h = (float(p) for p in parts)
+    except ValueError:
+        w = h = 0.0
+    if len(parts) != 2 or not (w > 0 and h > 0):
+        raise ValueError(f"{name}: {text!r} is not an aspect ratio 'W:H' of two positive numbers (e.g. '16:9')")
+    return w / h
+
+
+@dataclass(kw_only=True)
 class PreprocessConfig:
     """WebVid CSV + videos -> latent WebDataset shards (data_tools + pipelines/preprocess.py)."""
 
@@ -259,6 +309,8 @@ class PreprocessConfig:
     fetch_backoff_s: float = 1.0  # http(s) videos: wait before the first retry; doubles each retry (up to 30 s), with jitter
     fetch_max_per_host: int = 8  # http(s) videos: downloads at once from one host, across the Ray cluster; 0: no cap
     fetch_max_mb: float = 512.0  # http(s) videos: a larger video is skipped (errors manifest, stage fetch)
+    buckets: tuple[tuple[int, int, int], ...] | BucketGrid | None = None  # null: one shape (resolution, num_frames); or [[H, W, frames], ...] in pixels; or {aspects: ["16:9", "1:1"], pixels: N, frames: [8, 16], multiple_of: M}: each clip goes to the bucket nearest its aspect among those whose frames it fills (then the longest)
+    bucket_max_crop: float = 0.25  # with buckets: a clip whose nearest bucket would crop away more than this fraction of its pixels is skipped (errors manifest, stage bucket)
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.frame_stride is None):
@@ -281,6 +333,34 @@ class PreprocessConfig:
             raise ValueError("preprocess.encode_gpus_per_actor must be > 0")
         if self.shards_in_flight < 0:
             raise ValueError("preprocess.shards_in_flight must be >= 0 (0: the cluster's CPU count)")
+        if not 0.0 <= self.bucket_max_crop < 1.0:
+            raise ValueError(f"preprocess.bucket_max_crop must lie in [0, 1), got {self.bucket_max_crop}")
+        if isinstance(self.buckets, (list, tuple)):
+            self.buckets = tuple(tuple(b) if isinstance(b, (list, tuple)) else b  # type: ignore[misc]
+                                 for b in self.buckets)
+        shapes = self.bucket_shapes()
+        if shapes is not None:
+            if not shapes:
+                raise ValueError("preprocess.buckets must list at least one [height, width, frames] bucket "
+                                 "(or be null for one shape)")
+            for i, b in enumerate(shapes):
+                if not isinstance(b, tuple) or len(b) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in b):
+                    raise ValueError(f"preprocess.buckets[{i}] must be [height, width, frames] of integers >= 1, "
+                                     f"got {list(b) if isinstance(b, tuple) else b!r}")
+            seen: dict[tuple[int, int, int], int] = {}
+            for i, b in enumerate(shapes):
+                if b in seen:
+                    raise ValueError(f"preprocess.buckets: bucket {b[0]}x{b[1]}x{b[2]} (HxWxF) appears twice "
+                                     f"(entries {seen[b]} and {i}{'; aspects that round to the same size' if isinstance(self.buckets, BucketGrid) else ''})")
+                seen[b] = i
+
+    def bucket_shapes(self) -> list[tuple[int, int, int]] | None:
+        """(height, width, frames) of each bucket in config order, or None when not bucketed."""
+        if self.buckets is None:
+            return None
+        if isinstance(self.buckets, BucketGrid):
+            return self.buckets.shapes()
+        return list(self.buckets)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- training
@@ -549,7 +629,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors, fitting = [], []
         for a in args:
             if a is type(None):
                 continue
@@ -557,6 +637,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except ConfigError as e:
                 errors.append(str(e))
+                # a union with a section (preprocess.buckets): the option of the value's own
+                # kind (a mapping for the section, a list for a tuple) says best what is wrong
+                if any(dataclasses.is_dataclass(o) for o in args) and (
+                        (isinstance(value, dict) and dataclasses.is_dataclass(a))
+                        or (isinstance(value, (list, tuple)) and typing.get_origin(a) is tuple)):
+                    fitting.append(str(e))
+        if len(fitting) == 1:
+            raise ConfigError(fitting[0])
         raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}")
     if origin is dict:
         if not isinstance(value, dict):

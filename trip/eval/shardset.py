@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from trip import storage
-from trip.data.shards import INDEX_NAME, BadSample, Sample, decode_sample, read_index, read_samples
+from trip.data.shards import (
+    INDEX_NAME,
+    BadSample,
+    Sample,
+    decode_sample,
+    read_index,
+    read_samples,
+    shard_latent_shapes,
+)
 
 
 def is_shard_set(root: str) -> bool:
@@ -26,9 +34,10 @@ def is_shard_set(root: str) -> bool:
 
 def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterator[Sample]:
     """The first `limit` samples of a shard set, in index order, decoded and checked against
-    index.json; a corrupt shard or sample is an error naming the shard (and the member)."""
+    index.json (each shard against its own latent shape: a bucketed set holds several); a
+    corrupt shard or sample is an error naming the shard (and the member)."""
     n = 0
-    for entry in index["shards"]:
+    for entry, shape in zip(index["shards"], shard_latent_shapes(index), strict=True):
         url = storage.join(prefix, entry["name"])
         samples, error = read_samples(storage.read_bytes(url), url)
         if error:
@@ -37,7 +46,7 @@ def first_samples(prefix: str, index: dict, limit: int | None = None) -> Iterato
             if limit is not None and n >= limit:
                 return
             try:
-                decoded = decode_sample(sample, url, latent_shape=index["latent_shape"],
+                decoded = decode_sample(sample, url, latent_shape=shape,
                                         text_shape=index.get("text_shape"))
             except BadSample as e:
                 raise ValueError(f"shard {e}") from None
