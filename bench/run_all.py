@@ -11,7 +11,7 @@ import traceback
 
 from bench.common import print_table
 
-BENCHMARKS = ["model_step", "decode", "preprocess_scale", "loader", "eval_frechet", "train_overhead", "lora", "gpu_step"]
+BENCHMARKS = ["model_step", "decode", "preprocess_scale", "loader", "buckets", "eval_frechet", "train_overhead", "lora", "gpu_step"]
 
 
 def main() -> None:

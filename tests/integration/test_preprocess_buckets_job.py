@@ -130,6 +130,19 @@ def test_every_clip_lands_in_its_bucket_uncropped_beyond_its_aspect(ray_local, c
             np.testing.assert_array_equal(back, clip.frames)
     assert seen == fits
 
+    # the training loader reads the set as written: every sample once, each batch one bucket's
+    from trip.config import DataConfig
+    from trip.data import LatentLoader
+
+    delivered = []
+    for rank in range(2):
+        loader = LatentLoader(DataConfig(dataset=out, micro_batch_size=2, num_workers=0, uneven="pad"), rank, 2)
+        for batch in loader:
+            assert tuple(batch["latents"].shape[1:]) == buckets[batch["bucket"]].latent_shape
+            delivered += [(k, batch["bucket"]) for k, ok in zip(batch["keys"], batch["valid"].tolist()) if ok]
+    assert len(delivered) == len(fits) == len(set(delivered))
+    assert all(fits[rows[int(k)].videoid] == b for k, b in delivered)
+
     with open(os.path.join(out, "errors.jsonl")) as f:
         errors = {e["videoid"]: e for e in map(json.loads, f)}
     assert sorted(errors) == sorted(v for v, b in want.items() if b is None)
