@@ -147,7 +147,9 @@ def test_train_two_workers_s3_prometheus_and_resume(ray_local, s3_bucket, tmp_pa
         assert {"trip_train_steps_total", "trip_train_step_seconds_bucket", "trip_train_lr",
                 "trip_checkpoint_save_seconds_count", "trip_train_world_size"} <= names, names
         labels = {k for r in series for k in r["metric"]}
-        assert labels <= {"__name__", "run", "rank", "node", "job", "instance", "group", "le"}, labels
+        assert labels <= {"__name__", "run", "rank", "node", "job", "instance", "group", "le", "bucket"}, labels
+        buckets = prom.query('last_over_time(trip_data_bucket_samples_total{run="resumed"}[5m])')
+        assert {r["metric"]["bucket"] for r in buckets} == {"all"}  # a dataset without buckets is one
         values = {v for r in series for v in r["metric"].values()}
         assert not any("testing" in v or "s3://" in v for v in values), values  # no credentials or URLs
         val = prom.query('last_over_time(trip_val_loss{run="resumed"}[5m])')
