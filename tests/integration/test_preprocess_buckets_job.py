@@ -182,8 +182,11 @@ def test_a_bucketed_rerun_after_a_crash_equals_a_clean_run(ray_local, corpus, tm
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key] == b[key], key
+    assert not [k for k in a if os.path.basename(k).startswith(".")]  # no partial tar is left behind
     for key, data in partial.items():
-        if key.endswith(".tar"):
+        # committed tars are kept as they were; a cancelled task's partial tar (a hidden name no
+        # reader lists, removed by the task or by the rerun) may be caught mid-write
+        if key.endswith(".tar") and not os.path.basename(key).startswith("."):
             assert a[key] == data, key
     assert {k.split("/")[0] for k in a if k.endswith(".tar")} == {
         "16x28x4", "16x28x8", "20x20x4", "20x20x8", "28x16x8"}
