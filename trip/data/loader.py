@@ -484,7 +484,7 @@ class LatentLoader:
                 f"{' in every bucket' if len(whole) > 1 else ''}: no rank would get a batch "
                 f"(use data.uneven='pad' or a smaller batch)")
         for b, sp in zip(self.buckets, whole):
-            if sp.num_rounds == 0 and len(whole) > 1 and rank == 0:
+            if sp.num_rounds == 0 and b.samples and rank == 0:  # (an empty bucket is just empty)
                 log.warning("bucket %s has %d samples, fewer than one round of %d: with data.uneven=drop it is "
                             "never delivered (use data.uneven=pad to deliver it in padded rounds)",
                             b.name, b.samples, sp.per_round)
