@@ -10,10 +10,10 @@
    global batch 4096, data.uneven=pad): the bucketed loader's padded slots are only the last
    round of each bucket (`Split` arithmetic), against the other way to batch mixed shapes
    without cropping, padding every clip to the largest bucket (latent elements).
-3. The exactly-once state at scale: 10.7M clips in those buckets, a resize chain
-   512 -> 384 -> 512 -> 384 -> 512 ranks x 8 units, `--steps` rounds a pass, with the real
-   plan and merge code: ranges in the state (bounded by ranks x units x buckets, not by
-   the number of resumes) and the seconds a rank spends planning a pass.
+3. The exactly-once state at scale: 10.7M clips in those buckets, resized 512 <-> 384 ranks
+   x 8 units after every `--steps` rounds for a whole epoch, with the real plan and merge
+   code: the most ranges the state holds (about ranks x units x buckets, however many
+   resumes), the merge seconds and the seconds a rank spends planning a pass.
 4. Loader speed: `LatentLoader` samples/s over a 3-bucket dataset against the same loader
    over a one-bucket dataset with the same sample count and bytes per sample (2 DataLoader
    workers, batch 8, one epoch per timing, the two timed alternately; target >= 0.95).
@@ -134,10 +134,15 @@ def state_at_scale(counts: dict[str, int], total: int, chain: list[int], units: 
         consumed = Intervals.union_all([consumed, *own])
         merge_s = time.perf_counter() - t0
         passes.append({"world_size": world, "delivered": len(consumed), "state_ranges": consumed.num_ranges,
+                       "state_json_bytes": len(json.dumps(consumed.to_list())),
                        "ranks_x_units_x_buckets": world * units * len(sizes),
                        "plan_seconds_per_rank": plan_s, "merge_seconds": merge_s})
+    peak = max(passes, key=lambda p: p["state_ranges"])
     return {"samples": int(sum(sizes)), "buckets": len(sizes), "units": units, "steps_per_pass": steps,
-            "passes": passes}
+            "peak_state_ranges": peak["state_ranges"], "peak_state_json_bytes": peak["state_json_bytes"],
+            "peak_over_ranks_x_units_x_buckets": peak["state_ranges"] / (max(chain) * units * len(sizes)),
+            "max_merge_seconds": max(p["merge_seconds"] for p in passes),
+            "max_plan_seconds_per_rank": max(p["plan_seconds_per_rank"] for p in passes), "passes": passes}
 
 
 def loader_speed(samples: int, iters: int) -> dict:
@@ -181,12 +186,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     kept = pixels_kept(args.clips)
     pad = padding(kept["buckets"], kept["shapes"], total=10_700_000, world=512, global_batch=4096)
-    scale = state_at_scale(kept["buckets"], total=10_700_000, chain=[512, 384, 512, 384, 512], units=8,
-                           steps=args.steps)
-    for p in scale["passes"]:
-        print(f"W={p['world_size']}: {p['delivered']} delivered, state {p['state_ranges']} ranges "
-              f"(ranks x units x buckets = {p['ranks_x_units_x_buckets']}), plan {p['plan_seconds_per_rank']:.4f} s "
-              f"per rank, merge {p['merge_seconds']:.3f} s")
+    chain = [512, 384] * (-(-10_700_000 // (4096 * args.steps)) // 2 + 1)  # resized every pass, a whole epoch
+    scale = state_at_scale(kept["buckets"], total=10_700_000, chain=chain, units=8, steps=args.steps)
+    print(f"state along {len(chain)} passes of {args.steps} steps at 512/384 ranks x 8 units x {scale['buckets']} "
+          f"buckets: peak {scale['peak_state_ranges']} ranges ({scale['peak_state_json_bytes'] / 1e3:.0f} KB, "
+          f"{scale['peak_over_ranks_x_units_x_buckets']:.2f} x ranks x units x buckets), merge <= "
+          f"{scale['max_merge_seconds']:.3f} s, plan <= {scale['max_plan_seconds_per_rank'] * 1e3:.1f} ms per rank")
     speed = loader_speed(args.samples, args.iters)
     rows = [
         row("buckets/pixels", "fraction of frame pixels kept", kept["kept_bucketed"], "centre crop to square",
