@@ -128,7 +128,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trip import storage
 from trip.config import DataConfig
-from trip.data.plan import BucketPlan, EpochOrder, Intervals, Split, bucket_schedule, units_per_rank
+from trip.data.plan import (
+    BucketPlan,
+    EpochOrder,
+    Intervals,
+    RankPlan,
+    Split,
+    bucket_schedule,
+    units_per_rank,
+)
 from trip.data.shards import (
     BadSample,
     ShardFetcher,
@@ -297,7 +305,7 @@ def _unit_rounds(job: _Pass, plan: BucketPlan, unit: int, orders: list[EpochOrde
             stream.close()  # type: ignore[attr-defined]  # stops its fetch threads
 
 
-def _unit_batches(job: _Pass, bucket: int, plan: Any, unit: int, order: EpochOrder,
+def _unit_batches(job: _Pass, bucket: int, plan: RankPlan, unit: int, order: EpochOrder,
                   fetcher: ShardFetcher) -> Iterator[dict[str, Any]]:
     """One unit's micro-batches of one bucket in its delivery order (`plan`: the bucket's
     `RankPlan`), shards fetched ahead on threads."""
