@@ -32,7 +32,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from trip.data.shards import ShardWriter, build_index, write_index
+from trip.data.shards import ShardInfo, ShardWriter, build_index, write_index
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
@@ -211,6 +211,20 @@ def sample_key(shard: int, ordinal: int) -> str:
     return f"s{shard:04d}_{ordinal:05d}"
 
 
+def _synthetic_shard(prefix: str, s: int, n: int, latent_shape: Sequence[int], text_shape: Sequence[int] | None,
+                     rng: np.random.Generator, bucket: str | None = None) -> ShardInfo:
+    """Shard number `s` of n random samples, each marked with (s, ordinal) as described in
+    `write_synthetic_dataset`; committed, its record returned."""
+    writer = ShardWriter(prefix, s, bucket=bucket)
+    for i in range(n):
+        lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
+        lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
+        text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
+        key = sample_key(s, i)
+        writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
+    return writer.commit()
+
+
 def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
                             latent_shape: Sequence[int] = (4, 3, 4, 4),
                             text_shape: Sequence[int] | None = (5, 8), seed: int = 0) -> dict[str, Any]:
@@ -222,16 +236,7 @@ def write_synthetic_dataset(prefix: str, shard_sizes: Sequence[int], *,
     Returns the index dict.
     """
     rng = np.random.default_rng(seed)
-    infos = []
-    for s, n in enumerate(shard_sizes):
-        writer = ShardWriter(prefix, s)
-        for i in range(n):
-            lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
-            lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
-            text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
-            key = sample_key(s, i)
-            writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
-        infos.append(writer.commit())
+    infos = [_synthetic_shard(prefix, s, n, latent_shape, text_shape, rng) for s, n in enumerate(shard_sizes)]
     index = build_index(infos, latent_shape=list(latent_shape),
                         text_shape=list(text_shape) if text_shape else None,
                         codec={"kind": "synthetic", "scaling_factor": 1.0}, text_encoder=None)
@@ -252,14 +257,7 @@ def write_synthetic_buckets(prefix: str, buckets: dict[str, tuple[Sequence[int],
         specs.append({"name": name, "height": None, "width": None, "frames": int(latent_shape[0]),
                       "latent_shape": list(latent_shape)})
         for n in sizes:
-            writer = ShardWriter(prefix, s, bucket=name)
-            for i in range(n):
-                lat = rng.standard_normal(tuple(latent_shape)).astype(np.float16)
-                lat[0, 0, 0, 0], lat[0, 0, 0, 1] = s, i
-                text = rng.standard_normal(tuple(text_shape)).astype(np.float16) if text_shape else None
-                key = sample_key(s, i)
-                writer.add(key, lat, {"videoid": key, "caption": f"caption {key}"}, f"caption {key}", text)
-            infos.append(writer.commit())
+            infos.append(_synthetic_shard(prefix, s, n, latent_shape, text_shape, rng, bucket=name))
             s += 1
     index = build_index(infos, latent_shape=specs[0]["latent_shape"],
                         text_shape=list(text_shape) if text_shape else None,
