@@ -202,7 +202,9 @@ def _to_array(frame: av.VideoFrame, spec: SamplingSpec) -> np.ndarray:
     return np.ascontiguousarray(centre_crop(rgb, (out_h, out_w)))
 
 
-def _decode_open(container: av.container.InputContainer, url: str, spec: SamplingSpec) -> Clip:
+def _open_stream(container: av.container.InputContainer, url: str, spec: SamplingSpec) -> tuple[Any, float]:
+    """The container's first video stream, set up for decoding at `spec` and seeked near its
+    start offset, and its frame rate (25 when the container does not say)."""
     if not container.streams.video:
         raise SkipVideo("decode", f"no video stream in {url}")
     stream = container.streams.video[0]
@@ -213,6 +215,11 @@ def _decode_open(container: av.container.InputContainer, url: str, spec: Samplin
     if spec.start_offset > 1.0 and stream.time_base:
         # jump to the keyframe before the offset instead of decoding everything before it
         container.seek(int(spec.start_offset / stream.time_base), stream=stream, backward=True)
+    return stream, src_fps
+
+
+def _decode_open(container: av.container.InputContainer, url: str, spec: SamplingSpec) -> Clip:
+    stream, src_fps = _open_stream(container, url, spec)
     chosen, times, size, rotation = [], [], (0, 0), 0
     for frame, t in _select(container.decode(stream), spec, src_fps):
         chosen.append(_to_array(frame, spec))
@@ -231,15 +238,7 @@ def _decode_bucketed_open(container: av.container.InputContainer, url: str, spec
                           buckets: Sequence[BucketShape], max_crop: float) -> Clip:
     """Decode then assign: select up to the longest bucket's frames, keeping the decoded
     frames (not yet converted), pick the bucket from what they show, convert its frames."""
-    if not container.streams.video:
-        raise SkipVideo("decode", f"no video stream in {url}")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    stream.codec_context.thread_count = spec.threads
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    src_fps = float(rate) if rate else 25.0
-    if spec.start_offset > 1.0 and stream.time_base:
-        container.seek(int(spec.start_offset / stream.time_base), stream=stream, backward=True)
+    stream, src_fps = _open_stream(container, url, spec)
     longest = max(b.frames for b in buckets)
     picked = list(_select(container.decode(stream), replace(spec, num_frames=longest), src_fps))
     if not picked:
