@@ -114,12 +114,7 @@ def state_at_scale(counts: dict[str, int], total: int, chain: list[int], units: 
     consumed = Intervals()
     passes = []
     for world in chain:
-        remaining = []
-        for b, size in enumerate(sizes):
-            lo, hi = offsets[b], offsets[b + 1]
-            inside = Intervals(np.stack((np.clip(consumed.starts, lo, hi) - lo,
-                                         np.clip(consumed.ends, lo, hi) - lo), axis=1))
-            remaining.append(inside.complement(size))
+        remaining = [consumed.window(offsets[b], offsets[b + 1]).complement(size) for b, size in enumerate(sizes)]
         splits = [Split(remaining=len(r), world_size=world, batch_size=global_batch // chain[0], pad=False,
                         round_size=global_batch, micro_batches=2) for r in remaining]
         schedule = bucket_schedule([sp.num_rounds for sp in splits], seed=0, epoch=0)
@@ -129,7 +124,7 @@ def state_at_scale(counts: dict[str, int], total: int, chain: list[int], units: 
         own = []
         for plan in plans:
             for b, got in enumerate(plan.delivered(steps)):
-                own.append(Intervals(np.stack((got.starts + offsets[b], got.ends + offsets[b]), axis=1)))
+                own.append(got.shifted(int(offsets[b])))
         t0 = time.perf_counter()
         consumed = Intervals.union_all([consumed, *own])
         merge_s = time.perf_counter() - t0

@@ -206,3 +206,10 @@ def test_plan_is_exactly_once_in_lockstep_across_resizes_and_fragments_stay_boun
     for seed in range(3):
         most = _simulate([1700, 900, 333], worlds, units=2, batch=3, seed=seed)
         assert most <= 2 * max(worlds) * 2, most  # under 2 x ranks x units after 16 resumes (grows ~log of resumes)
+
+
+def test_window_and_shift_move_a_bucket_between_its_own_and_the_global_numbering() -> None:
+    consumed = Intervals([(2, 5), (8, 14), (20, 21)])
+    assert consumed.window(4, 12).ranges == [(0, 1), (4, 8)]
+    assert consumed.window(4, 12).shifted(4) == Intervals([(4, 5), (8, 12)])
+    assert consumed.window(14, 20).ranges == []

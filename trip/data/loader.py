@@ -625,11 +625,7 @@ class LatentLoader:
     def _bucket_remaining(self, b: int) -> Intervals:
         """Bucket b's positions (its own numbering) not delivered yet this epoch."""
         lo, hi = self._offsets[b], self._offsets[b + 1]
-        if len(self.buckets) == 1:
-            return self._consumed.complement(hi)
-        starts, ends = self._consumed.starts, self._consumed.ends
-        inside = Intervals(np.stack((np.clip(starts, lo, hi) - lo, np.clip(ends, lo, hi) - lo), axis=1))
-        return inside.complement(hi - lo)
+        return self._consumed.window(lo, hi).complement(hi - lo)
 
     def _advance_epoch(self) -> None:
         self.epoch += 1

@@ -188,6 +188,16 @@ class Intervals:
         keep = gap_ends > gap_starts
         return Intervals._normalised(gap_starts[keep], gap_ends[keep])
 
+    def window(self, lo: int, hi: int) -> Intervals:
+        """The members in [lo, hi), numbered from lo (a bucket's positions in its own numbering)."""
+        starts, ends = self._flush()
+        return Intervals(np.stack((np.clip(starts, lo, hi) - lo, np.clip(ends, lo, hi) - lo), axis=1))
+
+    def shifted(self, offset: int) -> Intervals:
+        """Every member plus `offset` (a bucket's positions back in the global numbering)."""
+        starts, ends = self._flush()
+        return Intervals._normalised(starts + offset, ends + offset)
+
     def _check_indices(self, lo: int, hi: int) -> None:
         if lo < 0 or hi > len(self):
             raise IndexError(f"index out of range for a set of {len(self)}")
