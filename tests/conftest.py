@@ -78,3 +78,13 @@ def http_faults() -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus() -> Iterator[None]:
+    """One local Ray with 2 CPUs for the module that asks for it, shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -23,6 +23,7 @@ from data_tools.decode import SamplingSpec, decode_bucketed, resized_size
 from data_tools.synth import make_dataset
 from data_tools.webvid import read_rows
 from pipelines.preprocess import run_preprocess
+from tests.files import read_tree
 from trip.codec import LosslessCodec
 from trip.config import CodecConfig, PreprocessConfig, config_from_dict
 from trip.data.shards import dataset_buckets, read_shard
@@ -46,15 +47,6 @@ GRID = {"aspects": ["16:9", "1:1", "9:16"], "pixels": 448, "frames": [4, 8], "mu
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("bucket-corpus"))
     return make_dataset(root, num=NUM, seed=3, fps=8, holdout=0, variants=[v for v, _ in VARIANTS])
@@ -66,16 +58,7 @@ def _pre(csv: str, output: str, **kw) -> PreprocessConfig:
     return config_from_dict({"preprocess": data}).preprocess
 
 
-def _files(root: str) -> dict[str, bytes]:
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            out[os.path.relpath(path, root)] = open(path, "rb").read()
-    return out
-
-
-def test_every_clip_lands_in_its_bucket_uncropped_beyond_its_aspect(ray_local, corpus, tmp_path) -> None:
+def test_every_clip_lands_in_its_bucket_uncropped_beyond_its_aspect(ray_two_cpus, corpus, tmp_path) -> None:
     out = str(tmp_path / "shards")
     pre = _pre(corpus, out)
     assert pre.bucket_shapes() == [(16, 28, 4), (16, 28, 8), (20, 20, 4), (20, 20, 8), (28, 16, 4), (28, 16, 8)]
@@ -156,7 +139,7 @@ def test_every_clip_lands_in_its_bucket_uncropped_beyond_its_aspect(ray_local, c
         assert errors[v]["reason"].startswith("1 frame at 4 fps, the shortest bucket needs 4")
 
 
-def test_a_bucketed_rerun_after_a_crash_equals_a_clean_run(ray_local, corpus, tmp_path) -> None:
+def test_a_bucketed_rerun_after_a_crash_equals_a_clean_run(ray_two_cpus, corpus, tmp_path) -> None:
     crashed, clean = str(tmp_path / "crashed"), str(tmp_path / "clean")
 
     class Crash(RuntimeError):
@@ -171,14 +154,14 @@ def test_a_bucketed_rerun_after_a_crash_equals_a_clean_run(ray_local, corpus, tm
     with pytest.raises(Crash):
         run_preprocess(_pre(corpus, crashed), CodecConfig(kind="lossless", downscale=2), progress=False,
                        on_shard_committed=crash_after_the_first)
-    partial = _files(crashed)
+    partial = read_tree(crashed)
     assert "index.json" not in partial and any(k.endswith(".tar") for k in partial)
 
     resumed = run_preprocess(_pre(corpus, crashed), CodecConfig(kind="lossless", downscale=2), progress=False)
     assert resumed.shards_skipped == 1
     fresh = run_preprocess(_pre(corpus, clean), CodecConfig(kind="lossless", downscale=2), progress=False)
     assert fresh.shards_skipped == 0
-    a, b = _files(crashed), _files(clean)
+    a, b = read_tree(crashed), read_tree(clean)
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key] == b[key], key

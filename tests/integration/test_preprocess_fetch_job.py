@@ -27,15 +27,6 @@ SIGNATURE = "X-Amz-Signature=s3cr3t"
 
 
 @pytest.fixture(scope="module")
-def ray_two_cpus():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> list[dict[str, str]]:
     """6 synthetic WebVid rows (1.5 s at 8 fps, 32 px) with their video bytes."""
     root = str(tmp_path_factory.mktemp("fetch-data"))

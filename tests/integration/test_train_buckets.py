@@ -10,16 +10,13 @@ exported model samples both shapes.
 from __future__ import annotations
 
 import collections
-import json
 import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.test_train_faults import max_step, rows, surviving, wait_for
+from tests.integration.test_train_faults import kill_rank_at, rows, surviving
 
 pytestmark = pytest.mark.integration
 # name -> (latent shape [F, C, h, w], shard sizes); the tiny codec is a x8 pixel unshuffle
@@ -44,18 +41,9 @@ def test_bucketed_run_survives_sigkill_exactly_once_and_samples_both_shapes(s3_b
     validate(cfg)
     debug = tmp_path / "debug"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
-    killed: list[int] = []
-
-    def killer() -> None:
-        wait_for(lambda: max_step(debug) >= 3, 120, "step 3")
-        pid = json.loads((debug / "worker-rank1.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        t = threading.Thread(target=killer, daemon=True)
-        t.start()
+        t, killed = kill_rank_at(debug, 3)
         res = run_training(cfg, recording(debug, slow=0.3))
         t.join(5)
     finally:

@@ -74,6 +74,22 @@ def max_step(debug: Path, world: int | None = None) -> int:
     return max((r["step"] for r in rows(debug) if world is None or r["world_size"] == world), default=0)
 
 
+def kill_rank_at(debug: Path, step: int, rank: int = 1) -> tuple[threading.Thread, list[int]]:
+    """A started thread that SIGKILLs rank `rank`'s worker process once a step >= `step` is
+    recorded; the list receives the pid it killed."""
+    killed: list[int] = []
+
+    def killer() -> None:
+        wait_for(lambda: max_step(debug) >= step, 120, f"step {step}")
+        pid = json.loads((debug / f"worker-rank{rank}.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_path, monkeypatch):
     import ray
 
@@ -83,19 +99,10 @@ def test_sigkill_of_a_worker_resumes_and_keeps_data_exactly_once(s3_bucket, tmp_
 
     debug = tmp_path / "debug"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trip-torch-extensions"))
-    killed: list[int] = []
     validated: list[int] = []
-
-    def killer() -> None:
-        wait_for(lambda: max_step(debug) >= 3, 120, "step 3")
-        pid = json.loads((debug / "worker-rank1.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        t = threading.Thread(target=killer, daemon=True)
-        t.start()
+        t, killed = kill_rank_at(debug, 3)
         # bf16 here: the precision does not change the fault handling, and the path gets run
         # validated every 2 steps across the kill: each validation step once, none lost
         res = run_training(make_config(s3_bucket, "killed", 8, **{"run.max_failures": 2, "train.precision": "bf16"},

@@ -13,16 +13,8 @@ from data_tools.cli import main as data_tools_main
 from data_tools.decode import SamplingSpec, decode_clip
 from data_tools.synth import BACKGROUND, COLORS, make_dataset
 from data_tools.webvid import read_rows
+from tests.files import read_tree
 from trip.eval.quality import psnr
-
-
-def _files(root: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
-    return out
 
 
 def test_same_seed_same_bytes_other_seed_other_videos(tmp_path) -> None:
@@ -30,7 +22,7 @@ def test_same_seed_same_bytes_other_seed_other_videos(tmp_path) -> None:
     make_dataset(a, num=4, seed=3, size=32, seconds=1, holdout=1)
     make_dataset(b, num=4, seed=3, size=32, seconds=1, holdout=1)
     make_dataset(c, num=4, seed=4, size=32, seconds=1, holdout=1)
-    fa, fb, fc = _files(a), _files(b), _files(c)
+    fa, fb, fc = read_tree(a), read_tree(b), read_tree(c)
     # contentUrl holds absolute paths, so compare the CSVs without that column
     for files, root in ((fa, a), (fb, b)):
         for name in ("results.csv", "holdout/results.csv"):
