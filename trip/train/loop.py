@@ -241,6 +241,11 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def _sample_weight(self, batch: dict[str, Any]) -> float:
+        """Each real sample's loss weight, W * accum / G with G the round size of the batch's
+        bucket (see the module docstring)."""
+        return self.world * self.accum / batch["round_size"]
+
     def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Forward, backward and (at the accumulation boundary) optimizer step of one micro-batch.
 
@@ -251,8 +256,7 @@ class Trainer:
             batch = _zero_weight_stand_in(batch)  # it must still run the collectives of a forward
         latents = batch["latents"].permute(0, 2, 1, 3, 4)  # [B,F,C,h,w] -> [B,C,F,h,w]
         t, noise, keep = self.draws(batch["positions"], batch["epoch"], tuple(latents.shape[1:]))
-        # the per-sample weight W * accum / G of the round's bucket (G: its round size)
-        weights = batch["valid"].float() * (self.world * self.accum / batch["round_size"])
+        weights = batch["valid"].float() * self._sample_weight(batch)
         text = batch.get("text_states")
         loss = self.engine(latents.to(d, dt), batch["image_latents"].to(d, dt),
                            text.to(d, dt) if text is not None else None, None,
@@ -288,7 +292,7 @@ class Trainer:
                     torch.manual_seed(_micro_seed(cfg.train.seed, self.step, rank, micro))
                     losses.append(self._micro_step(batch))
                     buckets.append(batch["bucket"])
-                    scale = self.world * self.accum / batch["round_size"]  # the step's rounds are one bucket's
+                    scale = self._sample_weight(batch)  # the step's micro-batches are one round, one bucket's
                     flags = [bool(v) for v in batch["valid"]]
                     keys += [k for k, ok in zip(batch["keys"], flags) if ok]
                     samples += sum(flags)
