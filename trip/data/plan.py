@@ -651,7 +651,7 @@ class BucketPlan:
         if len(accums) != 1:
             raise ValueError(f"the buckets' splits have different micro-batches per round: {sorted(accums)}")
         self.accum = accums.pop()
-        self.splits, self.rank = list(splits), rank
+        self.rank = rank
         self.schedule = np.asarray(schedule, dtype=np.int64)
         rounds = [s.num_rounds for s in splits]
         if np.bincount(self.schedule, minlength=len(splits)).tolist() != rounds:
